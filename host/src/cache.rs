@@ -1,0 +1,510 @@
+//! Shared watches and caches: one watch and one in-memory store per kind,
+//! however many plugins use it, reference-counted (DESIGN §2).
+//!
+//! Objects are stored without `managedFields` and the kubectl last-applied
+//! annotation, and indexed by the uid of each owner reference, so a parent's
+//! children (and their children) are found without scanning. Every change is
+//! forwarded to the event router as a [`Change`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use futures::StreamExt;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::discovery::{self, Scope};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::plugin::Gvk;
+
+/// The key of an object in a kind's cache.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjKey {
+    /// Namespace (None for cluster-scoped objects).
+    pub namespace: Option<String>,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjKey {
+    /// The key of `object`.
+    pub fn of(object: &DynamicObject) -> Self {
+        Self {
+            namespace: object.metadata.namespace.clone(),
+            name: object.name_any(),
+        }
+    }
+}
+
+/// A change seen by a watch, sent to the event router.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The kind of the object.
+    pub gvk: Gvk,
+    /// The object (its last known state when deleted).
+    pub object: Arc<DynamicObject>,
+    /// Whether it was deleted.
+    pub deleted: bool,
+}
+
+/// Why a kind could not be cached.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// API discovery does not know the kind (e.g. its CRD is not installed
+    /// yet). Retryable.
+    #[error("the API server does not serve {gvk}: {source}")]
+    Discovery {
+        /// The kind.
+        gvk: Gvk,
+        /// The discovery error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+#[derive(Default)]
+struct Store {
+    objects: HashMap<ObjKey, Arc<DynamicObject>>,
+    by_owner: HashMap<String, HashSet<ObjKey>>,
+    /// Objects of a list in progress (between `Init` and `InitDone`).
+    relist: Option<HashMap<ObjKey, Arc<DynamicObject>>>,
+}
+
+impl Store {
+    fn index(&mut self, key: &ObjKey, object: &DynamicObject) {
+        for owner in object.owner_references() {
+            self.by_owner
+                .entry(owner.uid.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+    }
+
+    fn unindex(&mut self, key: &ObjKey, object: &DynamicObject) {
+        for owner in object.owner_references() {
+            if let Some(keys) = self.by_owner.get_mut(&owner.uid) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_owner.remove(&owner.uid);
+                }
+            }
+        }
+    }
+
+    fn upsert(&mut self, object: Arc<DynamicObject>) -> bool {
+        let key = ObjKey::of(&object);
+        let changed = self.objects.get(&key).is_none_or(|old| {
+            old.resource_version() != object.resource_version() || old.uid() != object.uid()
+        });
+        if let Some(old) = self.objects.insert(key.clone(), object.clone()) {
+            self.unindex(&key, &old);
+        }
+        self.index(&key, &object);
+        changed
+    }
+
+    fn remove(&mut self, key: &ObjKey) -> Option<Arc<DynamicObject>> {
+        let old = self.objects.remove(key)?;
+        self.unindex(key, &old);
+        Some(old)
+    }
+}
+
+/// Drops what the host never reads, to keep the cache small, and fills in
+/// `apiVersion`/`kind` (list items arrive without them; plugins need them).
+fn strip(mut object: DynamicObject, resource: &ApiResource) -> DynamicObject {
+    if object.types.is_none() {
+        object.types = Some(kube::api::TypeMeta {
+            api_version: resource.api_version.clone(),
+            kind: resource.kind.clone(),
+        });
+    }
+    object.metadata.managed_fields = None;
+    if let Some(annotations) = object.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    object
+}
+
+/// The cache of one kind.
+pub struct KindCache {
+    /// The kind.
+    pub gvk: Gvk,
+    /// How to reach it in the API.
+    pub resource: ApiResource,
+    /// Whether objects of the kind are namespaced.
+    pub namespaced: bool,
+    store: RwLock<Store>,
+    synced: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl KindCache {
+    /// The cached object at `key`.
+    pub fn get(&self, key: &ObjKey) -> Option<Arc<DynamicObject>> {
+        self.read().objects.get(key).cloned()
+    }
+
+    /// Every cached object.
+    pub fn list(&self) -> Vec<Arc<DynamicObject>> {
+        self.read().objects.values().cloned().collect()
+    }
+
+    /// Objects with an owner reference to `uid`.
+    pub fn owned_by(&self, uid: &str) -> Vec<Arc<DynamicObject>> {
+        let store = self.read();
+        store
+            .by_owner
+            .get(uid)
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| store.objects.get(k).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Objects in `namespace`.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<DynamicObject>> {
+        self.read()
+            .objects
+            .iter()
+            .filter(|(k, _)| k.namespace.as_deref() == Some(namespace))
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    /// Number of cached objects.
+    pub fn len(&self) -> usize {
+        self.read().objects.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the initial list has completed.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Waits until the initial list has completed.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        // The sender lives as long as `self`, so this only ends when synced.
+        let _ = rx.wait_for(|synced| *synced).await;
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Store> {
+        self.store.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Store> {
+        self.store.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one watch event to the store and reports what changed.
+    fn apply_event(
+        &self,
+        event: Event<DynamicObject>,
+        changes: &mpsc::UnboundedSender<Change>,
+        metrics: &Metrics,
+    ) {
+        let kind = self.gvk.to_string();
+        let send = |object: Arc<DynamicObject>, deleted: bool| {
+            // The router outlives the caches; a closed channel means shutdown.
+            let _ = changes.send(Change {
+                gvk: self.gvk.clone(),
+                object,
+                deleted,
+            });
+        };
+        match event {
+            Event::Apply(object) => {
+                metrics.watch_event(&kind);
+                let object = Arc::new(strip(object, &self.resource));
+                if self.write().upsert(object.clone()) {
+                    send(object, false);
+                }
+            }
+            Event::Delete(object) => {
+                metrics.watch_event(&kind);
+                let key = ObjKey::of(&object);
+                let old = self.write().remove(&key);
+                send(
+                    old.unwrap_or_else(|| Arc::new(strip(object, &self.resource))),
+                    true,
+                );
+            }
+            Event::Init => {
+                metrics.watch_list(&kind);
+                self.write().relist = Some(HashMap::new());
+            }
+            Event::InitApply(object) => {
+                let object = Arc::new(strip(object, &self.resource));
+                if let Some(relist) = self.write().relist.as_mut() {
+                    relist.insert(ObjKey::of(&object), object);
+                }
+            }
+            Event::InitDone => {
+                let mut store = self.write();
+                let fresh = store.relist.take().unwrap_or_default();
+                let gone: Vec<ObjKey> = store
+                    .objects
+                    .keys()
+                    .filter(|k| !fresh.contains_key(*k))
+                    .cloned()
+                    .collect();
+                let mut deleted = Vec::new();
+                for key in gone {
+                    if let Some(old) = store.remove(&key) {
+                        deleted.push(old);
+                    }
+                }
+                let mut changed = Vec::new();
+                for object in fresh.into_values() {
+                    if store.upsert(object.clone()) {
+                        changed.push(object);
+                    }
+                }
+                drop(store);
+                for object in deleted {
+                    send(object, true);
+                }
+                for object in changed {
+                    send(object, false);
+                }
+                self.synced.send_replace(true);
+            }
+        }
+        metrics.set_cache_objects(&kind, self.len());
+    }
+}
+
+impl Drop for KindCache {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
+}
+
+struct Entry {
+    cache: Arc<KindCache>,
+    users: usize,
+}
+
+/// The registry of shared caches.
+pub struct Caches {
+    client: Client,
+    namespace: Option<String>,
+    kinds: tokio::sync::Mutex<HashMap<Gvk, Entry>>,
+    changes: mpsc::UnboundedSender<Change>,
+    metrics: Arc<Metrics>,
+}
+
+impl Caches {
+    /// A registry whose watches report to `changes`. With a `namespace`,
+    /// namespaced kinds are watched in that namespace only.
+    pub fn new(
+        client: Client,
+        namespace: Option<String>,
+        changes: mpsc::UnboundedSender<Change>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            namespace,
+            kinds: tokio::sync::Mutex::new(HashMap::new()),
+            changes,
+            metrics,
+        }
+    }
+
+    /// Takes a reference on the cache of `gvk`, starting its watch if this is
+    /// the first user.
+    pub async fn acquire(&self, gvk: &Gvk) -> Result<Arc<KindCache>, CacheError> {
+        let mut kinds = self.kinds.lock().await;
+        if let Some(entry) = kinds.get_mut(gvk) {
+            entry.users += 1;
+            return Ok(entry.cache.clone());
+        }
+        let (resource, caps) = discovery::pinned_kind(&self.client, &gvk.to_kube())
+            .await
+            .map_err(|source| CacheError::Discovery {
+                gvk: gvk.clone(),
+                source,
+            })?;
+        let cache = Arc::new(KindCache {
+            gvk: gvk.clone(),
+            namespaced: matches!(caps.scope, Scope::Namespaced),
+            resource: resource.clone(),
+            store: RwLock::new(Store::default()),
+            synced: watch::channel(false).0,
+            task: Mutex::new(None),
+        });
+        let api: Api<DynamicObject> = match (&self.namespace, cache.namespaced) {
+            (Some(ns), true) => Api::namespaced_with(self.client.clone(), ns, &resource),
+            _ => Api::all_with(self.client.clone(), &resource),
+        };
+        let weak = Arc::downgrade(&cache);
+        let changes = self.changes.clone();
+        let metrics = self.metrics.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(item) = stream.next().await {
+                let Some(cache) = weak.upgrade() else { return };
+                match item {
+                    Ok(event) => cache.apply_event(event, &changes, &metrics),
+                    Err(e) => {
+                        tracing::warn!(kind = %cache.gvk, error = %e, "watch error; retrying with backoff")
+                    }
+                }
+            }
+        });
+        *cache.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        tracing::info!(kind = %gvk, "watching");
+        kinds.insert(
+            gvk.clone(),
+            Entry {
+                cache: cache.clone(),
+                users: 1,
+            },
+        );
+        Ok(cache)
+    }
+
+    /// Drops a reference on the cache of `gvk`; the last user stops the watch.
+    pub async fn release(&self, gvk: &Gvk) {
+        let mut kinds = self.kinds.lock().await;
+        if let Some(entry) = kinds.get_mut(gvk) {
+            entry.users -= 1;
+            if entry.users == 0 {
+                kinds.remove(gvk);
+                self.metrics.set_cache_objects(&gvk.to_string(), 0);
+                tracing::info!(kind = %gvk, "stopped watching: no plugin uses it");
+            }
+        }
+    }
+
+    /// The cache of `gvk`, if some plugin uses it.
+    pub async fn get(&self, gvk: &Gvk) -> Option<Arc<KindCache>> {
+        self.kinds.lock().await.get(gvk).map(|e| e.cache.clone())
+    }
+
+    /// Whether every cache has completed its initial list.
+    pub async fn all_synced(&self) -> bool {
+        self.kinds
+            .lock()
+            .await
+            .values()
+            .all(|e| e.cache.is_synced())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::api::ObjectMeta;
+    use serde_json::json;
+
+    use super::*;
+
+    fn cache() -> KindCache {
+        KindCache {
+            gvk: Gvk::new("", "v1", "ConfigMap"),
+            resource: ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
+            namespaced: true,
+            store: RwLock::new(Store::default()),
+            synced: watch::channel(false).0,
+            task: Mutex::new(None),
+        }
+    }
+
+    fn cm(name: &str, rv: &str, owner: Option<&str>) -> DynamicObject {
+        let mut meta = ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ns".into()),
+            resource_version: Some(rv.into()),
+            uid: Some(format!("uid-{name}")),
+            ..ObjectMeta::default()
+        };
+        meta.owner_references = owner.map(|o| {
+            vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "kuwa.dev/v1alpha1".into(),
+                    kind: "WebServer".into(),
+                    name: "web".into(),
+                    uid: o.into(),
+                    controller: Some(true),
+                    ..Default::default()
+                },
+            ]
+        });
+        meta.managed_fields = Some(vec![Default::default()]);
+        DynamicObject {
+            types: None,
+            metadata: meta,
+            data: json!({"data": {"k": "v"}}),
+        }
+    }
+
+    #[test]
+    fn relist_reports_only_real_changes_and_deletions() {
+        let c = cache();
+        let metrics = Metrics::new();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        c.apply_event(Event::Init, &tx, &metrics);
+        c.apply_event(Event::InitApply(cm("a", "1", Some("p"))), &tx, &metrics);
+        c.apply_event(Event::InitApply(cm("b", "1", None)), &tx, &metrics);
+        assert!(!c.is_synced());
+        c.apply_event(Event::InitDone, &tx, &metrics);
+        assert!(c.is_synced());
+        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 2);
+        assert!(
+            c.get(&ObjKey {
+                namespace: Some("ns".into()),
+                name: "a".into()
+            })
+            .unwrap()
+            .metadata
+            .managed_fields
+            .is_none()
+        );
+        assert_eq!(c.owned_by("p").len(), 1);
+
+        // A relist where `a` is unchanged, `b` is gone and `c` is new.
+        c.apply_event(Event::Init, &tx, &metrics);
+        c.apply_event(Event::InitApply(cm("a", "1", Some("p"))), &tx, &metrics);
+        c.apply_event(Event::InitApply(cm("c", "5", None)), &tx, &metrics);
+        c.apply_event(Event::InitDone, &tx, &metrics);
+        let changes: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        let summary: Vec<_> = changes
+            .iter()
+            .map(|c| (c.object.name_any(), c.deleted))
+            .collect();
+        assert_eq!(summary, [("b".to_owned(), true), ("c".to_owned(), false)]);
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn owner_index_follows_updates_and_deletes() {
+        let c = cache();
+        let metrics = Metrics::new();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        c.apply_event(Event::Apply(cm("a", "1", Some("p1"))), &tx, &metrics);
+        assert_eq!(c.owned_by("p1").len(), 1);
+        c.apply_event(Event::Apply(cm("a", "2", Some("p2"))), &tx, &metrics);
+        assert!(c.owned_by("p1").is_empty());
+        assert_eq!(c.owned_by("p2").len(), 1);
+        c.apply_event(Event::Delete(cm("a", "3", Some("p2"))), &tx, &metrics);
+        assert!(c.owned_by("p2").is_empty());
+        assert!(c.is_empty());
+    }
+}

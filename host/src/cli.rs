@@ -1,0 +1,473 @@
+//! The `kuwa` command line: `run`, `plugin check`, `plugin test`, `crds`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::apply::{owner_reference, prepare_child};
+use crate::controller::{DEFAULT_PLUGIN_CONCURRENCY, Host, HostConfig};
+use crate::loader::{install_crd, load_dir, load_file};
+use crate::metrics::Metrics;
+use crate::plugin::PluginInfo;
+use crate::reconcile::now_rfc3339;
+use crate::runtime::{DEFAULT_DEADLINE, DEFAULT_MEMORY_CAP, Limits, LoadedPlugin, Runtime, wit};
+use crate::validate::{ParentRef, validate_output};
+
+/// kuwa: a Kubernetes controller host whose reconcile logic runs as
+/// WebAssembly components.
+#[derive(Parser, Debug)]
+#[command(name = "kuwa", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the host: load every plugin in a directory and reconcile their objects.
+    Run(RunArgs),
+    /// Work with one plugin file, without a cluster.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Print the CustomResourceDefinitions the plugins in a directory carry, as YAML.
+    Crds {
+        /// Directory of plugin components (*.wasm).
+        #[arg(long, value_name = "DIR")]
+        plugins: PathBuf,
+        /// Write one `<crd name>.yaml` per CRD into this directory instead of printing.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginCommand {
+    /// Load a plugin, validate it against the WIT contract and print what it describes.
+    Check {
+        /// The plugin component.
+        file: PathBuf,
+    },
+    /// Run a plugin's reconcile on fixture YAML and print the desired objects and status.
+    Test(TestArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TestArgs {
+    /// The plugin component.
+    file: PathBuf,
+    /// The parent object (YAML). Missing namespace, uid and generation are filled in.
+    #[arg(long, value_name = "FILE")]
+    parent: PathBuf,
+    /// Observed children (YAML, several documents allowed); repeatable.
+    #[arg(long, value_name = "FILE")]
+    children: Vec<PathBuf>,
+    /// Related objects (YAML, several documents allowed); repeatable.
+    #[arg(long, value_name = "FILE")]
+    related: Vec<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Directory of plugin components (*.wasm).
+    #[arg(long, value_name = "DIR")]
+    plugins: PathBuf,
+    /// Kubeconfig to use; default: $KUBECONFIG, ~/.kube/config or in-cluster.
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// Where to serve /metrics, /healthz and /readyz (loopback by default).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
+    /// Reconcile every parent at least this often (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    resync_period: Duration,
+    /// Watch and reconcile namespaced objects in this namespace only.
+    #[arg(long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// Apply the CRDs the plugins carry before serving them.
+    #[arg(long)]
+    install_crds: bool,
+    /// Reconciles in flight at once across all plugins.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_concurrent_reconciles: usize,
+    /// Reconciles in flight at once per plugin.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_PLUGIN_CONCURRENCY)]
+    plugin_concurrency: usize,
+    /// Wall-clock deadline of one plugin call.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    call_deadline: Duration,
+    /// Memory cap of one plugin call, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_CAP >> 20)]
+    memory_cap_mib: usize,
+}
+
+/// Parses the command line and runs it; errors print their whole chain.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Run(args) => tokio_main(run(args)),
+        Command::Plugin(PluginCommand::Check { file }) => check(&file),
+        Command::Plugin(PluginCommand::Test(args)) => test(&args),
+        Command::Crds { plugins, out } => tokio_main(crds(&plugins, out.as_deref())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KUWA_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube_runtime=warn,kube_client=warn")
+    });
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn tokio_main(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
+
+async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig found (pass --kubeconfig)")?,
+    };
+    kube::Client::try_from(config).context("building the API client")
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if !args.plugins.is_dir() {
+        bail!("--plugins {} is not a directory", args.plugins.display());
+    }
+    let client = client(args.kubeconfig.as_deref()).await?;
+    let version = client
+        .apiserver_version()
+        .await
+        .context("cannot reach the API server")?;
+    tracing::info!(server = %version.git_version, "connected");
+    let runtime = Runtime::new()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .context("starting the wasm runtime")?;
+    let metrics = Arc::new(Metrics::new());
+    let config = HostConfig {
+        resync_period: args.resync_period,
+        max_concurrent_reconciles: args.max_concurrent_reconciles,
+        plugin_concurrency: args.plugin_concurrency,
+        namespace: args.namespace.clone(),
+    };
+    let (host, changes) = Host::new(client.clone(), config, metrics);
+    let endpoint = crate::endpoints::serve(args.metrics_addr, host.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve metrics on {} (is the port taken? pass --metrics-addr)",
+                args.metrics_addr
+            )
+        })?;
+    let mut tasks = host.spawn(changes);
+    tasks.push(endpoint);
+
+    let limits = Limits {
+        deadline: args.call_deadline,
+        memory_bytes: args.memory_cap_mib << 20,
+    };
+    let loaded = load_dir(&runtime, &args.plugins, limits).await?;
+    if loaded.is_empty() {
+        tracing::warn!(dir = %args.plugins.display(), "no plugins (*.wasm) found");
+    }
+    for result in loaded {
+        let plugin = match result {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "plugin not loaded");
+                continue;
+            }
+        };
+        tracing::info!(
+            plugin = %plugin.info.name,
+            version = %plugin.info.version,
+            sha256 = %&plugin.sha256[..12],
+            compile_ms = plugin.compile_time.as_millis() as u64,
+            "plugin loaded"
+        );
+        if args.install_crds {
+            if let Some(crd) = &plugin.info.crd {
+                match install_crd(&client, crd).await {
+                    Ok(name) => tracing::info!(crd = %name, "CRD installed"),
+                    Err(e) => {
+                        tracing::error!(plugin = %plugin.info.name, error = %e, "CRD not installed")
+                    }
+                }
+            }
+        }
+        tasks.push(activate_until_served(host.clone(), plugin));
+    }
+    host.mark_started();
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// Activates a plugin, retrying while a kind it needs is not served yet
+/// (e.g. its CRD is installed later).
+fn activate_until_served(
+    host: Arc<Host>,
+    plugin: Arc<LoadedPlugin>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            match host.activate(plugin.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(plugin = %plugin.info.name, error = %e, retry_in = ?delay, "plugin not active yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn load_one(file: &Path) -> anyhow::Result<LoadedPlugin> {
+    let runtime = Runtime::new()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .context("starting the wasm runtime")?;
+    Ok(load_file(
+        &runtime,
+        file,
+        Limits {
+            deadline: DEFAULT_DEADLINE,
+            memory_bytes: DEFAULT_MEMORY_CAP,
+        },
+    )?)
+}
+
+/// What `plugin check` prints for a plugin.
+pub fn describe_json(info: &PluginInfo, sha256: &str) -> Value {
+    let gvk =
+        |g: &crate::plugin::Gvk| json!({"group": g.group, "version": g.version, "kind": g.kind});
+    json!({
+        "name": &*info.name,
+        "version": info.version,
+        "sha256": sha256,
+        "parent": gvk(&info.parent),
+        "parentScope": if info.parent_namespaced { "Namespaced" } else { "Cluster" },
+        "children": info.children.iter().map(gvk).collect::<Vec<_>>(),
+        "related": info.related.iter().map(|(g, m)| json!({"kind": gvk(g), "mapping": format!("{m:?}")})).collect::<Vec<_>>(),
+        "finalizer": if info.finalizer { Value::from(info.finalizer_name()) } else { Value::Null },
+        "resyncSeconds": info.resync.map(|d| d.as_secs()),
+        "crd": info.crd.as_ref().map(|c| c["metadata"]["name"].clone()),
+    })
+}
+
+fn check(file: &Path) -> anyhow::Result<()> {
+    let plugin = load_one(file)?;
+    print!(
+        "{}",
+        serde_yaml::to_string(&describe_json(&plugin.info, &plugin.sha256))?
+    );
+    Ok(())
+}
+
+fn read_yaml_docs(path: &Path) -> anyhow::Result<Vec<Value>> {
+    use serde::Deserialize;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = Value::deserialize(doc)
+            .with_context(|| format!("{} is not valid YAML", path.display()))?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+/// Fills what the API server would have set on a fixture parent.
+fn fixture_parent(mut parent: Value) -> anyhow::Result<Value> {
+    if !parent["metadata"]["name"].is_string() {
+        bail!("the parent needs metadata.name");
+    }
+    let meta = &mut parent["metadata"];
+    for (key, default) in [
+        ("namespace", json!("default")),
+        ("uid", json!("00000000-0000-0000-0000-000000000001")),
+        ("generation", json!(1)),
+        ("creationTimestamp", json!(now_rfc3339())),
+    ] {
+        if meta.get(key).is_none() {
+            meta[key] = default;
+        }
+    }
+    Ok(parent)
+}
+
+fn test(args: &TestArgs) -> anyhow::Result<()> {
+    let plugin = load_one(&args.file)?;
+    let parent = read_yaml_docs(&args.parent)?
+        .into_iter()
+        .next()
+        .with_context(|| format!("{} holds no object", args.parent.display()))?;
+    let parent = fixture_parent(parent)?;
+    let mut children = Vec::new();
+    for path in &args.children {
+        children.extend(read_yaml_docs(path)?);
+    }
+    let mut related = Vec::new();
+    for path in &args.related {
+        related.extend(read_yaml_docs(path)?);
+    }
+    let input = wit::Observed {
+        parent: parent.to_string(),
+        children: children.iter().map(Value::to_string).collect(),
+        related: related.iter().map(Value::to_string).collect(),
+        context: wit::Context {
+            now: now_rfc3339(),
+            trigger: "plugin test".into(),
+        },
+    };
+    let desired = match plugin.reconcile(&input)? {
+        Ok(d) => d,
+        Err(wit::ReconcileError::InvalidSpec(m)) => bail!("invalid spec: {m}"),
+        Err(wit::ReconcileError::Transient(m)) => bail!("transient error: {m}"),
+        Err(wit::ReconcileError::BadInput(m)) => bail!("bad input: {m}"),
+    };
+    let namespace = parent["metadata"]["namespace"].as_str();
+    let name = parent["metadata"]["name"].as_str().unwrap_or_default();
+    let (wanted, status) = validate_output(
+        &plugin.info,
+        &ParentRef { namespace, name },
+        &desired.children,
+        desired.status.as_deref(),
+    )
+    .context("the host would reject this output")?;
+    let parent_object: kube::api::DynamicObject = serde_json::from_value(parent.clone())?;
+    let owner = owner_reference(&plugin.info.parent, &parent_object);
+    let objects: Vec<Value> = wanted
+        .into_iter()
+        .map(|c| prepare_child(c.object, namespace, &owner, &plugin.info))
+        .collect();
+    let events: Vec<Value> = desired
+        .events
+        .iter()
+        .map(|e| {
+            let kind = if matches!(e.event_type, wit::EventType::Warning) {
+                "Warning"
+            } else {
+                "Normal"
+            };
+            json!({"type": kind, "reason": e.reason, "message": e.message})
+        })
+        .collect();
+    let out = json!({
+        "children": objects,
+        "status": status,
+        "requeueAfterMs": desired.requeue_after_ms,
+        "events": events,
+    });
+    print!("{}", serde_yaml::to_string(&out)?);
+    Ok(())
+}
+
+async fn crds(dir: &Path, out: Option<&Path>) -> anyhow::Result<()> {
+    let runtime = Runtime::new()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .context("starting the wasm runtime")?;
+    let limits = Limits {
+        deadline: DEFAULT_DEADLINE,
+        memory_bytes: DEFAULT_MEMORY_CAP,
+    };
+    let mut failed = 0;
+    let mut first = true;
+    for result in load_dir(&runtime, dir, limits).await? {
+        match result {
+            Ok(plugin) => match &plugin.info.crd {
+                Some(crd) => {
+                    let yaml = serde_yaml::to_string(crd)?;
+                    match out {
+                        Some(out) => {
+                            let name = crd["metadata"]["name"].as_str().unwrap_or("unnamed");
+                            let path = out.join(format!("{name}.yaml"));
+                            let text = format!(
+                                "# Generated by `kuwa crds --plugins DIR --out deploy/crds` from plugin {}. Do not edit.\n{yaml}",
+                                plugin.info.name
+                            );
+                            std::fs::write(&path, text)
+                                .with_context(|| format!("writing {}", path.display()))?;
+                            eprintln!("wrote {}", path.display());
+                        }
+                        None => {
+                            if !first {
+                                println!("---");
+                            }
+                            first = false;
+                            print!("{yaml}");
+                        }
+                    }
+                }
+                None => eprintln!("note: plugin {} carries no CRD", plugin.info.name),
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} plugin(s) could not be loaded");
+    }
+    Ok(())
+}

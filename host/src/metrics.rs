@@ -1,0 +1,276 @@
+//! Prometheus metrics of the host (DESIGN §5), exposed on `/metrics`.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn reconcile_buckets() -> Histogram {
+    // 100 µs .. ~13 s: covers a no-op reconcile from cache up to one that
+    // waits on a slow API server.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Every metric the host exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    reconciles: Family<Labels, Counter>,
+    reconcile_errors: Family<Labels, Counter>,
+    reconcile_duration: HistogramFamily,
+    queue_depth: Family<Labels, Gauge>,
+    cache_objects: Family<Labels, Gauge>,
+    api_writes: Family<Labels, Counter>,
+    watch_events: Family<Labels, Counter>,
+    watch_lists: Family<Labels, Counter>,
+    wasm_traps: Family<Labels, Counter>,
+    plugin_info: Family<Labels, Gauge>,
+    resyncs: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            reconciles: Family::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: Family::new_with_constructor(reconcile_buckets),
+            queue_depth: Family::default(),
+            cache_objects: Family::default(),
+            api_writes: Family::default(),
+            watch_events: Family::default(),
+            watch_lists: Family::default(),
+            wasm_traps: Family::default(),
+            plugin_info: Family::default(),
+            resyncs: Family::default(),
+        };
+        registry.register(
+            "kuwa_reconciles",
+            "Reconciles finished, by plugin and result",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "kuwa_reconcile_errors",
+            "Failed reconciles, by plugin and reason (trap, timeout, memory, plugin, invalid_output, api)",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "kuwa_reconcile_duration_seconds",
+            "Wall time of one reconcile: snapshot, plugin call, validation and apply",
+            m.reconcile_duration.clone(),
+        );
+        registry.register(
+            "kuwa_queue_depth",
+            "Keys waiting in the work queue, by plugin",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "kuwa_cache_objects",
+            "Objects in the shared cache, by kind",
+            m.cache_objects.clone(),
+        );
+        registry.register(
+            "kuwa_api_writes",
+            "API writes the host made, by plugin, verb (apply, delete, status, event, finalizer) and kind",
+            m.api_writes.clone(),
+        );
+        registry.register(
+            "kuwa_watch_events",
+            "Watch events received, by kind",
+            m.watch_events.clone(),
+        );
+        registry.register(
+            "kuwa_watch_lists",
+            "Full lists (initial list or relist) made by the shared watches, by kind",
+            m.watch_lists.clone(),
+        );
+        registry.register(
+            "kuwa_wasm_traps",
+            "Plugin calls that ended in a trap, by plugin and reason (trap, timeout, memory)",
+            m.wasm_traps.clone(),
+        );
+        registry.register(
+            "kuwa_plugin_info",
+            "Loaded plugins: 1 per plugin, version and sha256",
+            m.plugin_info.clone(),
+        );
+        registry.register(
+            "kuwa_resyncs",
+            "Full resyncs of a plugin's parents",
+            m.resyncs.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+        m
+    }
+
+    /// Counts a finished reconcile.
+    pub fn reconciled(&self, plugin: &str, result: &str, seconds: f64) {
+        self.reconciles
+            .get_or_create(&vec![("plugin", plugin.into()), ("result", result.into())])
+            .inc();
+        self.reconcile_duration
+            .get_or_create(&vec![("plugin", plugin.into())])
+            .observe(seconds);
+    }
+
+    /// Counts a failed reconcile.
+    pub fn reconcile_error(&self, plugin: &str, reason: &str) {
+        self.reconcile_errors
+            .get_or_create(&vec![("plugin", plugin.into()), ("reason", reason.into())])
+            .inc();
+    }
+
+    /// Counts a trap in a plugin call.
+    pub fn wasm_trap(&self, plugin: &str, reason: &str) {
+        self.wasm_traps
+            .get_or_create(&vec![("plugin", plugin.into()), ("reason", reason.into())])
+            .inc();
+    }
+
+    /// Sets a plugin's queue depth.
+    pub fn set_queue_depth(&self, plugin: &str, depth: usize) {
+        self.queue_depth
+            .get_or_create(&vec![("plugin", plugin.into())])
+            .set(depth as i64);
+    }
+
+    /// Sets the number of cached objects of a kind.
+    pub fn set_cache_objects(&self, kind: &str, count: usize) {
+        self.cache_objects
+            .get_or_create(&vec![("kind", kind.into())])
+            .set(count as i64);
+    }
+
+    /// Counts one API write.
+    pub fn api_write(&self, plugin: &str, verb: &'static str, kind: &str) {
+        self.api_writes
+            .get_or_create(&vec![
+                ("plugin", plugin.into()),
+                ("verb", verb.into()),
+                ("kind", kind.into()),
+            ])
+            .inc();
+    }
+
+    /// Counts one watch event.
+    pub fn watch_event(&self, kind: &str) {
+        self.watch_events
+            .get_or_create(&vec![("kind", kind.into())])
+            .inc();
+    }
+
+    /// Counts one full list.
+    pub fn watch_list(&self, kind: &str) {
+        self.watch_lists
+            .get_or_create(&vec![("kind", kind.into())])
+            .inc();
+    }
+
+    /// Records a loaded plugin version (and clears older ones of the plugin).
+    pub fn plugin_loaded(&self, plugin: &str, version: &str, sha256: &str) {
+        self.plugin_unloaded(plugin);
+        self.plugin_info
+            .get_or_create(&vec![
+                ("plugin", plugin.into()),
+                ("version", version.into()),
+                ("sha256", sha256.into()),
+            ])
+            .set(1);
+    }
+
+    /// Forgets a plugin's version series.
+    pub fn plugin_unloaded(&self, plugin: &str) {
+        // prometheus-client cannot enumerate a family's label sets, so set
+        // gauges of other versions are removed by recreating the series map.
+        let stale: Vec<Labels> = {
+            let text = self.render();
+            text.lines()
+                .filter(|l| {
+                    l.starts_with("kuwa_plugin_info{")
+                        && l.contains(&format!("plugin=\"{plugin}\""))
+                })
+                .filter_map(parse_labels)
+                .collect()
+        };
+        for labels in stale {
+            self.plugin_info.remove(&labels);
+        }
+    }
+
+    /// Counts a full resync of a plugin.
+    pub fn resync(&self, plugin: &str) {
+        self.resyncs
+            .get_or_create(&vec![("plugin", plugin.into())])
+            .inc();
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Parses the labels of one `kuwa_plugin_info{...} 1` line.
+fn parse_labels(line: &str) -> Option<Labels> {
+    let inner = line.split_once('{')?.1.split_once('}')?.0;
+    let mut labels = Labels::new();
+    for pair in inner.split(',') {
+        let (k, v) = pair.split_once('=')?;
+        let key = match k {
+            "plugin" => "plugin",
+            "version" => "version",
+            "sha256" => "sha256",
+            _ => return None,
+        };
+        labels.push((key, v.trim_matches('"').to_owned()));
+    }
+    Some(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_api_writes_with_labels() {
+        let m = Metrics::new();
+        m.api_write("webserver", "apply", "apps/v1/Deployment");
+        m.api_write("webserver", "apply", "apps/v1/Deployment");
+        let text = m.render();
+        assert!(
+            text.contains(r#"kuwa_api_writes_total{plugin="webserver",verb="apply",kind="apps/v1/Deployment"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn plugin_info_keeps_only_the_current_version() {
+        let m = Metrics::new();
+        m.plugin_loaded("webserver", "0.1.0", "aaa");
+        m.plugin_loaded("webserver", "0.2.0", "bbb");
+        let text = m.render();
+        assert!(
+            text.contains(r#"kuwa_plugin_info{plugin="webserver",version="0.2.0",sha256="bbb"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("0.1.0"), "{text}");
+    }
+}

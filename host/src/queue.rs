@@ -1,0 +1,523 @@
+//! The work queue, keyed by (plugin, parent).
+//!
+//! * **dedup**: a key waiting in the queue is queued once, however many events
+//!   name it;
+//! * **per-key serialization**: a key handed to a worker is never handed out
+//!   again until the worker reports [`Outcome`]; events arriving meanwhile
+//!   mark it dirty and it is queued again on completion;
+//! * **backoff**: a key whose reconcile failed waits `BASE_BACKOFF * 2^(n-1)`
+//!   (capped at `MAX_BACKOFF`) after its n-th consecutive failure;
+//! * **delays**: requeue-after from the plugin, resyncs;
+//! * **fairness**: keys are handed out round-robin across plugins, and each
+//!   plugin has its own concurrency cap, so one plugin's backlog cannot starve
+//!   another's few keys.
+//!
+//! [`QueueCore`] holds the logic with time passed in, so it is unit-tested
+//! without sleeping; [`WorkQueue`] wraps it for async workers.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// First retry delay after a failure.
+pub const BASE_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest retry delay: a broken key is still retried every few minutes.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Which object of which plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueKey {
+    /// Plugin name.
+    pub plugin: Arc<str>,
+    /// Parent namespace (None for cluster-scoped parents).
+    pub namespace: Option<String>,
+    /// Parent name.
+    pub name: String,
+}
+
+impl std::fmt::Display for QueueKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{}:{}/{}", self.plugin, ns, self.name),
+            None => write!(f, "{}:{}", self.plugin, self.name),
+        }
+    }
+}
+
+/// How a reconcile ended, reported with [`QueueCore::done`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success; optionally look again after a delay.
+    Success {
+        /// Requeue after this long.
+        requeue_after: Option<Duration>,
+    },
+    /// Failure: retry with exponential backoff.
+    Failure,
+}
+
+/// The exponential backoff after `failures` consecutive failures.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    BASE_BACKOFF.saturating_mul(1u32 << exp).min(MAX_BACKOFF)
+}
+
+#[derive(Debug, Default)]
+struct PluginLane {
+    ready: VecDeque<QueueKey>,
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+/// The queue's logic, with time passed in by the caller.
+#[derive(Debug, Default)]
+pub struct QueueCore {
+    lanes: HashMap<Arc<str>, PluginLane>,
+    /// Round-robin order of plugins.
+    order: Vec<Arc<str>>,
+    next_lane: usize,
+    queued: HashMap<QueueKey, &'static str>,
+    in_flight: HashSet<QueueKey>,
+    dirty: HashMap<QueueKey, &'static str>,
+    delayed: BTreeSet<(Instant, u64, QueueKey)>,
+    delayed_at: HashMap<QueueKey, (Instant, u64, &'static str)>,
+    seq: u64,
+    failures: HashMap<QueueKey, u32>,
+}
+
+impl QueueCore {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a plugin with its concurrency cap (or updates the cap).
+    pub fn set_plugin(&mut self, plugin: Arc<str>, max_in_flight: usize) {
+        let lane = self.lanes.entry(plugin.clone()).or_default();
+        lane.max_in_flight = max_in_flight.max(1);
+        if !self.order.contains(&plugin) {
+            self.order.push(plugin);
+        }
+    }
+
+    /// Forgets a plugin and every key of it (keys in flight finish but are
+    /// not requeued).
+    pub fn remove_plugin(&mut self, plugin: &str) {
+        self.lanes.remove(plugin);
+        self.order.retain(|p| &**p != plugin);
+        self.queued.retain(|k, _| &*k.plugin != plugin);
+        self.dirty.retain(|k, _| &*k.plugin != plugin);
+        self.failures.retain(|k, _| &*k.plugin != plugin);
+        self.delayed.retain(|(_, _, k)| &*k.plugin != plugin);
+        self.delayed_at.retain(|k, _| &*k.plugin != plugin);
+    }
+
+    /// Queues `key` now, with why (for logs). Keys of unknown plugins are
+    /// dropped.
+    pub fn add(&mut self, key: QueueKey, trigger: &'static str) {
+        if !self.lanes.contains_key(&key.plugin) {
+            return;
+        }
+        if self.in_flight.contains(&key) {
+            self.dirty.entry(key).or_insert(trigger);
+            return;
+        }
+        if self.queued.contains_key(&key) {
+            return;
+        }
+        if let Some((at, seq, _)) = self.delayed_at.remove(&key) {
+            self.delayed.remove(&(at, seq, key.clone()));
+        }
+        if let Some(lane) = self.lanes.get_mut(&key.plugin) {
+            lane.ready.push_back(key.clone());
+            self.queued.insert(key, trigger);
+        }
+    }
+
+    /// Queues `key` at `at` (keeping an earlier pending time if there is one).
+    pub fn add_at(&mut self, key: QueueKey, at: Instant, trigger: &'static str) {
+        if !self.lanes.contains_key(&key.plugin) || self.queued.contains_key(&key) {
+            return;
+        }
+        if let Some(&(existing, seq, _)) = self.delayed_at.get(&key) {
+            if existing <= at {
+                return;
+            }
+            self.delayed.remove(&(existing, seq, key.clone()));
+        }
+        self.seq += 1;
+        self.delayed.insert((at, self.seq, key.clone()));
+        self.delayed_at.insert(key, (at, self.seq, trigger));
+    }
+
+    /// Moves every delayed key that is due at `now` into the ready lanes.
+    pub fn promote_due(&mut self, now: Instant) {
+        while let Some((at, _, _)) = self.delayed.first() {
+            if *at > now {
+                break;
+            }
+            let Some((_, _, key)) = self.delayed.pop_first() else {
+                break;
+            };
+            let trigger = self
+                .delayed_at
+                .remove(&key)
+                .map_or("requeue", |(_, _, t)| t);
+            self.add(key, trigger);
+        }
+    }
+
+    /// Time until the next delayed key is due, if any.
+    pub fn next_due(&self, now: Instant) -> Option<Duration> {
+        self.delayed
+            .first()
+            .map(|(at, _, _)| at.saturating_duration_since(now))
+    }
+
+    /// Hands out the next key, round-robin across plugins that have a ready
+    /// key and room under their concurrency cap. The key is in flight until
+    /// [`QueueCore::done`].
+    pub fn pop(&mut self) -> Option<(QueueKey, &'static str)> {
+        let n = self.order.len();
+        for i in 0..n {
+            let idx = (self.next_lane + i) % n;
+            let plugin = self.order[idx].clone();
+            let Some(lane) = self.lanes.get_mut(&plugin) else {
+                continue;
+            };
+            if lane.in_flight >= lane.max_in_flight {
+                continue;
+            }
+            if let Some(key) = lane.ready.pop_front() {
+                lane.in_flight += 1;
+                self.next_lane = (idx + 1) % n;
+                let trigger = self.queued.remove(&key).unwrap_or("event");
+                self.in_flight.insert(key.clone());
+                return Some((key, trigger));
+            }
+        }
+        None
+    }
+
+    /// Reports that the worker holding `key` finished.
+    pub fn done(&mut self, key: &QueueKey, outcome: Outcome, now: Instant) {
+        if !self.in_flight.remove(key) {
+            return;
+        }
+        if let Some(lane) = self.lanes.get_mut(&key.plugin) {
+            lane.in_flight = lane.in_flight.saturating_sub(1);
+        }
+        match outcome {
+            Outcome::Success { requeue_after } => {
+                self.failures.remove(key);
+                if let Some(after) = requeue_after {
+                    self.add_at(key.clone(), now + after, "requeue");
+                }
+            }
+            Outcome::Failure => {
+                let failures = self.failures.entry(key.clone()).or_insert(0);
+                *failures += 1;
+                let delay = backoff(*failures);
+                self.add_at(key.clone(), now + delay, "retry");
+            }
+        }
+        if let Some(trigger) = self.dirty.remove(key) {
+            // Something changed while the key was being reconciled: look again
+            // now. A failing key keeps its backoff entry too, so a hot loop of
+            // events cannot bypass the backoff for long.
+            if outcome == Outcome::Failure {
+                return;
+            }
+            self.add(key.clone(), trigger);
+        }
+    }
+
+    /// Consecutive failures of `key`.
+    pub fn failures(&self, key: &QueueKey) -> u32 {
+        self.failures.get(key).copied().unwrap_or(0)
+    }
+
+    /// Keys waiting (ready or delayed) per plugin, for the queue-depth gauge.
+    pub fn depth(&self) -> HashMap<Arc<str>, usize> {
+        let mut depth: HashMap<Arc<str>, usize> =
+            self.order.iter().map(|p| (p.clone(), 0)).collect();
+        for key in self.queued.keys().chain(self.delayed_at.keys()) {
+            *depth.entry(key.plugin.clone()).or_default() += 1;
+        }
+        depth
+    }
+
+    /// Keys ready now or in flight (not counting delayed ones).
+    pub fn busy(&self) -> usize {
+        self.queued.len() + self.in_flight.len()
+    }
+}
+
+/// The async work queue shared by the event router and the workers.
+#[derive(Debug, Default)]
+pub struct WorkQueue {
+    core: Mutex<QueueCore>,
+    wake: Notify,
+}
+
+impl WorkQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `f` on the core under the lock, then wakes a waiting worker.
+    pub fn with<R>(&self, f: impl FnOnce(&mut QueueCore) -> R) -> R {
+        let r = f(&mut self.core.lock().unwrap_or_else(|e| e.into_inner()));
+        self.wake.notify_waiters();
+        self.wake.notify_one();
+        r
+    }
+
+    /// Queues `key` now.
+    pub fn add(&self, key: QueueKey, trigger: &'static str) {
+        self.with(|q| q.add(key, trigger));
+    }
+
+    /// Queues `key` after `delay`.
+    pub fn add_after(&self, key: QueueKey, delay: Duration, trigger: &'static str) {
+        self.with(|q| q.add_at(key, Instant::now() + delay, trigger));
+    }
+
+    /// Reports the end of a reconcile.
+    pub fn done(&self, key: &QueueKey, outcome: Outcome) {
+        self.with(|q| q.done(key, outcome, Instant::now()));
+    }
+
+    /// Waits for the next key to reconcile.
+    pub async fn next(&self) -> (QueueKey, &'static str) {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wait = {
+                let mut q = self.core.lock().unwrap_or_else(|e| e.into_inner());
+                q.promote_due(Instant::now());
+                if let Some(next) = q.pop() {
+                    return next;
+                }
+                q.next_due(Instant::now())
+            };
+            match wait {
+                Some(delay) => {
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(plugin: &str, name: &str) -> QueueKey {
+        QueueKey {
+            plugin: Arc::from(plugin),
+            namespace: Some("ns".into()),
+            name: name.into(),
+        }
+    }
+
+    fn core(plugins: &[(&str, usize)]) -> QueueCore {
+        let mut q = QueueCore::new();
+        for (p, c) in plugins {
+            q.set_plugin(Arc::from(*p), *c);
+        }
+        q
+    }
+
+    #[test]
+    fn dedups_queued_keys() {
+        let mut q = core(&[("a", 4)]);
+        q.add(key("a", "x"), "event");
+        q.add(key("a", "x"), "event");
+        q.add(key("a", "y"), "event");
+        assert_eq!(q.pop().unwrap().0, key("a", "x"));
+        assert_eq!(q.pop().unwrap().0, key("a", "y"));
+        assert!(q.pop().is_none());
+    }
+
+    #[test]
+    fn never_hands_out_a_key_twice_at_once() {
+        let now = Instant::now();
+        let mut q = core(&[("a", 4)]);
+        q.add(key("a", "x"), "event");
+        let (k, _) = q.pop().unwrap();
+        // Events while in flight mark it dirty instead of queueing it.
+        q.add(key("a", "x"), "child changed");
+        q.add(key("a", "x"), "child changed");
+        assert!(
+            q.pop().is_none(),
+            "an in-flight key must not be handed out again"
+        );
+        q.done(
+            &k,
+            Outcome::Success {
+                requeue_after: None,
+            },
+            now,
+        );
+        // ...and it comes back exactly once afterwards, with its trigger.
+        assert_eq!(q.pop(), Some((key("a", "x"), "child changed")));
+        assert!(q.pop().is_none());
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_and_success_resets() {
+        let t0 = Instant::now();
+        let mut q = core(&[("a", 1)]);
+        let k = key("a", "x");
+        q.add(k.clone(), "event");
+        let mut now = t0;
+        for n in 1..=4u32 {
+            let (got, _) = q.pop().unwrap();
+            q.done(&got, Outcome::Failure, now);
+            assert_eq!(q.failures(&k), n);
+            let wait = q.next_due(now).unwrap();
+            assert_eq!(wait, BASE_BACKOFF * 2u32.pow(n - 1));
+            // Not due a moment before the backoff...
+            q.promote_due(now + wait - Duration::from_millis(1));
+            assert!(q.pop().is_none());
+            // ...due at it.
+            now += wait;
+            q.promote_due(now);
+        }
+        let (got, trigger) = q.pop().unwrap();
+        assert_eq!(trigger, "retry");
+        q.done(
+            &got,
+            Outcome::Success {
+                requeue_after: None,
+            },
+            now,
+        );
+        assert_eq!(q.failures(&k), 0);
+        assert!(q.next_due(now).is_none());
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        assert_eq!(backoff(1), BASE_BACKOFF);
+        assert_eq!(backoff(2), BASE_BACKOFF * 2);
+        assert_eq!(backoff(100), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn an_event_during_a_failed_reconcile_does_not_skip_the_backoff() {
+        let now = Instant::now();
+        let mut q = core(&[("a", 1)]);
+        q.add(key("a", "x"), "event");
+        let (k, _) = q.pop().unwrap();
+        q.add(key("a", "x"), "event");
+        q.done(&k, Outcome::Failure, now);
+        assert!(q.pop().is_none());
+        q.promote_due(now + BASE_BACKOFF);
+        assert!(q.pop().is_some());
+    }
+
+    #[test]
+    fn requeue_after_and_earliest_time_wins() {
+        let now = Instant::now();
+        let mut q = core(&[("a", 1)]);
+        let k = key("a", "x");
+        q.add_at(k.clone(), now + Duration::from_secs(10), "resync");
+        q.add_at(k.clone(), now + Duration::from_secs(2), "requeue");
+        q.add_at(k.clone(), now + Duration::from_secs(5), "requeue");
+        assert_eq!(q.next_due(now), Some(Duration::from_secs(2)));
+        q.promote_due(now + Duration::from_secs(2));
+        assert_eq!(q.pop(), Some((k.clone(), "requeue")));
+        // An immediate add replaces a pending delayed entry.
+        q.done(
+            &k,
+            Outcome::Success {
+                requeue_after: Some(Duration::from_secs(30)),
+            },
+            now,
+        );
+        q.add(k.clone(), "event");
+        assert!(q.next_due(now).is_none());
+        assert_eq!(q.pop(), Some((k, "event")));
+    }
+
+    #[test]
+    fn concurrency_cap_per_plugin() {
+        let mut q = core(&[("a", 2)]);
+        for n in 0..5 {
+            q.add(key("a", &n.to_string()), "event");
+        }
+        assert!(q.pop().is_some());
+        assert!(q.pop().is_some());
+        assert!(q.pop().is_none(), "cap of 2 reached");
+        q.done(
+            &key("a", "0"),
+            Outcome::Success {
+                requeue_after: None,
+            },
+            Instant::now(),
+        );
+        assert!(q.pop().is_some());
+    }
+
+    #[test]
+    fn round_robin_across_plugins() {
+        let mut q = core(&[("big", 100), ("small", 100)]);
+        for n in 0..1000 {
+            q.add(key("big", &n.to_string()), "event");
+        }
+        for n in 0..3 {
+            q.add(key("small", &n.to_string()), "event");
+        }
+        let first: Vec<_> = (0..6)
+            .map(|_| q.pop().unwrap().0.plugin.to_string())
+            .collect();
+        assert_eq!(
+            first.iter().filter(|p| *p == "small").count(),
+            3,
+            "{first:?}"
+        );
+    }
+
+    #[test]
+    fn removed_plugins_lose_their_keys() {
+        let mut q = core(&[("a", 1), ("b", 1)]);
+        q.add(key("a", "x"), "event");
+        q.add(key("b", "y"), "event");
+        q.remove_plugin("a");
+        assert_eq!(q.pop().unwrap().0, key("b", "y"));
+        assert!(q.pop().is_none());
+        q.add(key("a", "x"), "event");
+        assert!(q.pop().is_none(), "unknown plugins' keys are dropped");
+    }
+
+    #[test]
+    fn depth_counts_ready_and_delayed() {
+        let now = Instant::now();
+        let mut q = core(&[("a", 1)]);
+        q.add(key("a", "x"), "event");
+        q.add_at(key("a", "y"), now + Duration::from_secs(1), "requeue");
+        assert_eq!(q.depth()[&Arc::<str>::from("a")], 2);
+    }
+
+    #[tokio::test]
+    async fn async_next_waits_for_delayed_keys() {
+        let q = WorkQueue::new();
+        q.with(|c| c.set_plugin(Arc::from("a"), 1));
+        q.add_after(key("a", "x"), Duration::from_millis(30), "requeue");
+        let got = tokio::time::timeout(Duration::from_secs(5), q.next())
+            .await
+            .unwrap();
+        assert_eq!(got, (key("a", "x"), "requeue"));
+    }
+}

@@ -1,0 +1,59 @@
+//! `cargo xtask`: the project's build glue.
+//!
+//! * `cargo xtask plugins` builds every plugin for `wasm32-wasip2` and copies
+//!   the components to `target/plugins/<name>.wasm`.
+//! * `cargo xtask cluster up|down|status` manages the local control plane.
+//! * `cargo xtask demo` runs the main job: plugins, cluster, CRDs, host.
+//! * `cargo xtask test` runs the whole test suite through cargo's test runner.
+
+mod cluster;
+mod demo;
+mod plugins;
+mod testsuite;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "kuwa build glue",
+    bin_name = "cargo xtask"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build every plugin for wasm32-wasip2 (release) into target/plugins/.
+    Plugins(plugins::Args),
+    /// Manage the local Kubernetes control plane (apiserver, etcd, controllers, kwok).
+    Cluster(cluster::Args),
+    /// The main job: build plugins, start the cluster, install CRDs, run the host.
+    Demo(demo::Args),
+    /// Run the full test suite (unit, plugin and end-to-end) with cargo's test runner.
+    Test(testsuite::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plugins(args) => plugins::run(&args).map(|_| ()),
+        Command::Cluster(args) => cluster::run(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::Test(args) => testsuite::run(&args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root (the parent of `xtask/`).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}

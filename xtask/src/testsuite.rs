@@ -1,0 +1,65 @@
+//! `cargo xtask test`: the full test suite through cargo's test runner.
+//!
+//! Builds the plugins (and the misbehaving test plugins) for wasm, builds the
+//! `kuwa` binary, brings up the local control plane, runs `cargo test
+//! --workspace` with `KUWA_KUBECONFIG`, `KUWA_BIN` and the plugin directories
+//! in the environment, and stops the cluster again if it started it.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::Args as ClapArgs;
+
+use crate::{cluster, demo, plugins, workspace_root};
+
+/// Arguments of `cargo xtask test`.
+#[derive(ClapArgs)]
+pub struct Args {
+    /// Leave the cluster running afterwards (it is stopped only if this run started it).
+    #[arg(long)]
+    keep_cluster: bool,
+    /// Cluster options, as for `cargo xtask cluster up`.
+    #[command(flatten)]
+    cluster: cluster::UpArgs,
+    /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+    #[arg(last = true)]
+    cargo_test_args: Vec<String>,
+}
+
+/// Runs the suite.
+pub fn run(args: &Args) -> Result<()> {
+    eprintln!(
+        "==> building the plugins and test plugins ({})",
+        plugins::TARGET
+    );
+    plugins::run(&plugins::Args {
+        with_test_plugins: true,
+    })?;
+    eprintln!("==> building the host");
+    let kuwa = demo::build_host()?;
+    let was_running = cluster::is_running();
+    eprintln!("==> starting the local control plane (the first run builds it: ~15 min)");
+    let kubeconfig = cluster::up(&args.cluster)?;
+    eprintln!("==> cargo test --workspace");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(&args.cargo_test_args)
+        .env("KUWA_KUBECONFIG", &kubeconfig)
+        .env("KUWA_BIN", &kuwa)
+        .env("KUWA_PLUGINS_DIR", plugins::plugins_dir())
+        .env("KUWA_TEST_PLUGINS_DIR", plugins::test_plugins_dir())
+        .status()
+        .context("running cargo test")?;
+    if !was_running && !args.keep_cluster {
+        eprintln!("==> stopping the local control plane");
+        if let Err(e) = cluster::down() {
+            eprintln!("warning: stopping the cluster failed: {e:#}");
+        }
+    }
+    if !status.success() {
+        bail!("tests failed");
+    }
+    Ok(())
+}
