@@ -216,13 +216,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             compile_ms = plugin.compile_time.as_millis() as u64,
             "plugin loaded"
         );
-        if args.install_crds {
-            if let Some(crd) = &plugin.info.crd {
-                match install_crd(&client, crd).await {
-                    Ok(name) => tracing::info!(crd = %name, "CRD installed"),
-                    Err(e) => {
-                        tracing::error!(plugin = %plugin.info.name, error = %e, "CRD not installed")
-                    }
+        if args.install_crds
+            && let Some(crd) = &plugin.info.crd
+        {
+            match install_crd(&client, crd).await {
+                Ok(name) => tracing::info!(crd = %name, "CRD installed"),
+                Err(e) => {
+                    tracing::error!(plugin = %plugin.info.name, error = %e, "CRD not installed")
                 }
             }
         }

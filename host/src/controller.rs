@@ -370,17 +370,17 @@ impl Host {
                 }
                 continue;
             }
-            if info.owns(&change.gvk) {
-                if let Some(key) = p.parent_of(&change.object) {
-                    self.queue.add(
-                        key,
-                        if change.deleted {
-                            "child deleted"
-                        } else {
-                            "child changed"
-                        },
-                    );
-                }
+            if info.owns(&change.gvk)
+                && let Some(key) = p.parent_of(&change.object)
+            {
+                self.queue.add(
+                    key,
+                    if change.deleted {
+                        "child deleted"
+                    } else {
+                        "child changed"
+                    },
+                );
             }
             for (cache, mapping) in &p.related {
                 if cache.gvk == change.gvk {

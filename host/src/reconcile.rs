@@ -368,17 +368,16 @@ async fn reconcile_parent(
             namespace: child_ns.clone(),
             name: child.name.clone(),
         });
-        if let Some(existing) = &cached {
-            if let Some(other) = existing
+        if let Some(existing) = &cached
+            && let Some(other) = existing
                 .owner_references()
                 .iter()
                 .find(|o| o.controller == Some(true) && o.uid != parent_uid)
-            {
-                return Err(Failure::Conflict(format!(
-                    "{} {:?} already exists, controlled by {} {:?}",
-                    child.gvk, child.name, other.kind, other.name
-                )));
-            }
+        {
+            return Err(Failure::Conflict(format!(
+                "{} {:?} already exists, controlled by {} {:?}",
+                child.gvk, child.name, other.kind, other.name
+            )));
         }
         let body = prepare_child(child.object, child_ns.as_deref(), &owner, info);
         plan.push((cache, child.gvk, child.name, child_ns, body, cached));

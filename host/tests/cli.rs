@@ -1,0 +1,264 @@
+//! The `kuwa` command line on real plugin components, with no cluster:
+//! `plugin test`, `plugin check`, `crds` (and the drift check of the CRDs
+//! committed in `deploy/crds/`).
+//!
+//! Needs the components built by `cargo xtask plugins` (done by
+//! `cargo xtask test`); a missing component fails with that hint.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn plugins_dir() -> PathBuf {
+    std::env::var_os("KUWA_PLUGINS_DIR")
+        .map_or_else(|| workspace().join("target/plugins"), PathBuf::from)
+}
+
+fn component(name: &str) -> PathBuf {
+    let path = plugins_dir().join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask plugins` first",
+        path.display()
+    );
+    path
+}
+
+fn kuwa(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kuwa"))
+        .args(args)
+        .env("KUWA_LOG", "warn")
+        .output()
+        .expect("running kuwa")
+}
+
+fn ok_yaml(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "kuwa failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_yaml::from_slice(&out.stdout).expect("kuwa prints YAML")
+}
+
+fn plugin_test(plugin: &str, parent: &str, related: &[PathBuf]) -> Output {
+    let wasm = component(plugin);
+    let parent = workspace().join(parent);
+    let mut args = vec![
+        "plugin".as_ref(),
+        "test".as_ref(),
+        wasm.as_os_str(),
+        "--parent".as_ref(),
+        parent.as_os_str(),
+    ];
+    for r in related {
+        args.push("--related".as_ref());
+        args.push(r.as_os_str());
+    }
+    kuwa(&args)
+}
+
+fn kinds(out: &Value) -> Vec<String> {
+    out["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}/{}",
+                c["kind"].as_str().unwrap(),
+                c["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn plugin_test_prints_the_three_webserver_children() {
+    let out = ok_yaml(&plugin_test(
+        "webserver",
+        "deploy/samples/kuwa.dev_v1alpha1_webserver.yaml",
+        &[],
+    ));
+    assert_eq!(
+        kinds(&out),
+        [
+            "ConfigMap/webserver-sample-content",
+            "Deployment/webserver-sample",
+            "Service/webserver-sample"
+        ]
+    );
+    let children = out["children"].as_array().unwrap();
+    // What the host would apply: the parent's namespace and owner reference.
+    for c in children {
+        assert_eq!(c["metadata"]["namespace"], "default");
+        assert_eq!(c["metadata"]["ownerReferences"][0]["kind"], "WebServer");
+        assert_eq!(c["metadata"]["ownerReferences"][0]["controller"], true);
+    }
+    assert_eq!(children[0]["data"]["index.html"], "hello, ossummit!");
+    assert_eq!(children[1]["spec"]["replicas"], 3);
+    assert_eq!(out["status"]["readyReplicas"], 0);
+}
+
+#[test]
+fn plugin_test_runs_memcached_on_its_sample() {
+    let out = ok_yaml(&plugin_test(
+        "memcached",
+        "deploy/samples/kuwa.dev_v1alpha1_memcached.yaml",
+        &[],
+    ));
+    let kinds = kinds(&out);
+    for expected in ["StatefulSet/", "ConfigMap/", "Deployment/", "Service/"] {
+        assert!(
+            kinds.iter().any(|k| k.starts_with(expected)),
+            "{expected} missing in {kinds:?}"
+        );
+    }
+    // No backend Pods observed: the proxy config lists no servers yet.
+    assert_eq!(out["status"]["readyBackends"], 0);
+}
+
+#[test]
+fn plugin_test_runs_mltask_on_its_sample_with_gpu_nodes() {
+    let nodes = workspace().join("host/tests/fixtures/gpu-nodes.yaml");
+    let out = ok_yaml(&plugin_test(
+        "mltask",
+        "deploy/samples/kuwa.dev_v1alpha1_mltask.yaml",
+        &[nodes],
+    ));
+    let kinds = kinds(&out);
+    assert!(
+        kinds.iter().any(|k| k.starts_with("StatefulSet/")),
+        "{kinds:?}"
+    );
+    let schedulable = out["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Schedulable")
+        .expect("a Schedulable condition");
+    assert_eq!(schedulable["status"], "True", "{schedulable}");
+
+    // With no GPU nodes at all, nothing is created and the status says why.
+    let out = ok_yaml(&plugin_test(
+        "mltask",
+        "deploy/samples/kuwa.dev_v1alpha1_mltask.yaml",
+        &[],
+    ));
+    assert!(out["children"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn plugin_test_reports_an_invalid_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("bad.yaml");
+    std::fs::write(
+        &parent,
+        "apiVersion: kuwa.dev/v1alpha1\nkind: WebServer\nmetadata: {name: bad}\nspec: {content: x, replicas: -1}\n",
+    )
+    .unwrap();
+    let wasm = component("webserver");
+    let out = kuwa(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        wasm.as_os_str(),
+        "--parent".as_ref(),
+        parent.as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid spec") && err.contains("replicas"),
+        "{err}"
+    );
+}
+
+#[test]
+fn plugin_check_prints_the_description() {
+    let wasm = component("webserver");
+    let out = ok_yaml(&kuwa(&[
+        "plugin".as_ref(),
+        "check".as_ref(),
+        wasm.as_os_str(),
+    ]));
+    assert_eq!(out["name"], "webserver");
+    assert_eq!(out["parent"]["kind"], "WebServer");
+    assert_eq!(out["crd"], "webservers.kuwa.dev");
+    assert_eq!(out["children"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn plugin_check_rejects_what_is_not_a_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[u8]); 3] = [
+        ("garbage.wasm", b"definitely not wasm"),
+        // A valid core module, but not a component.
+        ("core.wasm", b"\0asm\x01\0\0\0"),
+        ("empty.wasm", b""),
+    ];
+    for (name, bytes) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let out = kuwa(&["plugin".as_ref(), "check".as_ref(), path.as_os_str()]);
+        assert!(!out.status.success(), "{name} must be rejected");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a loadable component"), "{name}: {err}");
+    }
+}
+
+#[test]
+fn committed_crds_match_the_plugins() {
+    let out = kuwa(&[
+        "crds".as_ref(),
+        "--plugins".as_ref(),
+        plugins_dir().as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut generated = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        generated.push(<Value as serde::Deserialize>::deserialize(doc).unwrap());
+    }
+    assert_eq!(generated.len(), 3, "one CRD per shipped plugin");
+    for crd in generated {
+        let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
+        let path = workspace().join("deploy/crds").join(format!("{name}.yaml"));
+        let committed: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|_| {
+            panic!("{} is missing; regenerate with `kuwa crds --plugins target/plugins --out deploy/crds`", path.display())
+        }))
+        .unwrap();
+        assert_eq!(
+            committed,
+            crd,
+            "{} drifted from the plugin; regenerate with `kuwa crds --plugins target/plugins --out deploy/crds`",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn run_explains_a_missing_plugins_directory() {
+    let out = kuwa(&[
+        "run".as_ref(),
+        "--plugins".as_ref(),
+        "/nonexistent/plugins".as_ref(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/plugins") && err.contains("not a directory"),
+        "{err}"
+    );
+}
