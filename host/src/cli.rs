@@ -16,7 +16,7 @@ use crate::loader::{install_crd, load_dir, load_file};
 use crate::metrics::Metrics;
 use crate::plugin::PluginInfo;
 use crate::reconcile::now_rfc3339;
-use crate::runtime::{DEFAULT_DEADLINE, DEFAULT_MEMORY_CAP, Limits, LoadedPlugin, Runtime, wit};
+use crate::runtime::{DEFAULT_MEMORY_CAP, Limits, LoadedPlugin, Runtime, wit};
 use crate::validate::{ParentRef, validate_output};
 
 /// kuwa: a Kubernetes controller host whose reconcile logic runs as
@@ -104,6 +104,22 @@ struct RunArgs {
     /// Memory cap of one plugin call, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_CAP >> 20)]
     memory_cap_mib: usize,
+    /// Where to keep compiled plugins (default: ~/.cache/kuwa/compiled).
+    #[arg(long, value_name = "DIR", env = "KUWA_COMPILE_CACHE")]
+    compile_cache: Option<PathBuf>,
+    /// Compile every plugin at start instead of reading the compile cache.
+    #[arg(long)]
+    no_compile_cache: bool,
+}
+
+/// The default compile-cache directory: `$XDG_CACHE_HOME/kuwa/compiled` or
+/// `~/.cache/kuwa/compiled`.
+pub fn default_compile_cache() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("kuwa").join("compiled"))
 }
 
 /// Parses the command line and runs it; errors print their whole chain.
@@ -171,7 +187,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("cannot reach the API server")?;
     tracing::info!(server = %version.git_version, "connected");
-    let runtime = Runtime::new()
+    let cache = if args.no_compile_cache {
+        None
+    } else {
+        args.compile_cache.clone().or_else(default_compile_cache)
+    };
+    let runtime = Runtime::new(cache.as_deref())
         .map_err(|e| anyhow::anyhow!("{e:#}"))
         .context("starting the wasm runtime")?;
     let metrics = Arc::new(Metrics::new());
@@ -196,6 +217,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let limits = Limits {
         deadline: args.call_deadline,
         memory_bytes: args.memory_cap_mib << 20,
+        fuel: None,
     };
     let loaded = load_dir(&runtime, &args.plugins, limits).await?;
     if loaded.is_empty() {
@@ -213,8 +235,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             plugin = %plugin.info.name,
             version = %plugin.info.version,
             sha256 = %&plugin.sha256[..12],
-            compile_ms = plugin.compile_time.as_millis() as u64,
+            load_ms = plugin.load_time.as_secs_f64() * 1000.0,
+            compile_cache = plugin.cache.label(),
             "plugin loaded"
+        );
+        host.metrics.plugin_load_time(
+            &plugin.info.name,
+            plugin.cache.label(),
+            plugin.load_time.as_secs_f64(),
         );
         if args.install_crds
             && let Some(crd) = &plugin.info.crd
@@ -281,17 +309,10 @@ async fn shutdown_signal() {
 }
 
 fn load_one(file: &Path) -> anyhow::Result<LoadedPlugin> {
-    let runtime = Runtime::new()
+    let runtime = Runtime::new(None)
         .map_err(|e| anyhow::anyhow!("{e:#}"))
         .context("starting the wasm runtime")?;
-    Ok(load_file(
-        &runtime,
-        file,
-        Limits {
-            deadline: DEFAULT_DEADLINE,
-            memory_bytes: DEFAULT_MEMORY_CAP,
-        },
-    )?)
+    Ok(load_file(&runtime, file, Limits::default())?)
 }
 
 /// What `plugin check` prints for a plugin.
@@ -423,13 +444,10 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
 }
 
 async fn crds(dir: &Path, out: Option<&Path>) -> anyhow::Result<()> {
-    let runtime = Runtime::new()
+    let runtime = Runtime::new(None)
         .map_err(|e| anyhow::anyhow!("{e:#}"))
         .context("starting the wasm runtime")?;
-    let limits = Limits {
-        deadline: DEFAULT_DEADLINE,
-        memory_bytes: DEFAULT_MEMORY_CAP,
-    };
+    let limits = Limits::default();
     let mut failed = 0;
     let mut first = true;
     for result in load_dir(&runtime, dir, limits).await? {

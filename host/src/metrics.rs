@@ -32,6 +32,11 @@ pub struct Metrics {
     wasm_traps: Family<Labels, Counter>,
     plugin_info: Family<Labels, Gauge>,
     resyncs: Family<Labels, Counter>,
+    plugin_load_errors: Family<Labels, Counter>,
+    plugin_swaps: Family<Labels, Counter>,
+    plugin_quarantined: Family<Labels, Gauge>,
+    plugin_load_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    write_budget_waits: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,6 +62,11 @@ impl Metrics {
             wasm_traps: Family::default(),
             plugin_info: Family::default(),
             resyncs: Family::default(),
+            plugin_load_errors: Family::default(),
+            plugin_swaps: Family::default(),
+            plugin_quarantined: Family::default(),
+            plugin_load_seconds: Family::default(),
+            write_budget_waits: Family::default(),
         };
         registry.register(
             "kuwa_reconciles",
@@ -214,6 +224,42 @@ impl Metrics {
     /// Counts a full resync of a plugin.
     pub fn resync(&self, plugin: &str) {
         self.resyncs
+            .get_or_create(&vec![("plugin", plugin.into())])
+            .inc();
+    }
+
+    /// Counts a plugin file that failed to load; `reason` is one word
+    /// (`read`, `compile`, `link`, `describe`, `incompatible`, `manifest`).
+    pub fn plugin_load_error(&self, file: &str, reason: &str) {
+        self.plugin_load_errors
+            .get_or_create(&vec![("file", file.into()), ("reason", reason.into())])
+            .inc();
+    }
+
+    /// Counts a hot swap of a plugin.
+    pub fn plugin_swapped(&self, plugin: &str) {
+        self.plugin_swaps
+            .get_or_create(&vec![("plugin", plugin.into())])
+            .inc();
+    }
+
+    /// Sets whether a plugin is quarantined.
+    pub fn set_quarantined(&self, plugin: &str, quarantined: bool) {
+        self.plugin_quarantined
+            .get_or_create(&vec![("plugin", plugin.into())])
+            .set(i64::from(quarantined));
+    }
+
+    /// Records how long loading a plugin took.
+    pub fn plugin_load_time(&self, plugin: &str, cache: &str, seconds: f64) {
+        self.plugin_load_seconds
+            .get_or_create(&vec![("plugin", plugin.into()), ("cache", cache.into())])
+            .set(seconds);
+    }
+
+    /// Counts a write that had to wait for the write budget.
+    pub fn write_budget_wait(&self, plugin: &str) {
+        self.write_budget_waits
             .get_or_create(&vec![("plugin", plugin.into())])
             .inc();
     }

@@ -56,6 +56,7 @@ impl Failure {
         match self {
             Self::Call(CallError::Timeout(_)) => "timeout",
             Self::Call(CallError::MemoryLimit(_)) => "memory",
+            Self::Call(CallError::OutOfFuel(_)) => "fuel",
             Self::Call(_) => "trap",
             Self::Plugin(_) => "plugin",
             Self::InvalidSpec(_) => "invalid_spec",

@@ -4,6 +4,7 @@
 //! This is the only module that generates bindings for `wit/`; everyone else
 //! uses the types re-exported as [`wit`].
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -60,6 +61,9 @@ pub struct Limits {
     pub deadline: Duration,
     /// Cap on the guest's linear memory, in bytes.
     pub memory_bytes: usize,
+    /// Optional instruction budget per call (wasmtime fuel units); None
+    /// means unmetered (the deadline still applies).
+    pub fuel: Option<u64>,
 }
 
 impl Default for Limits {
@@ -67,6 +71,7 @@ impl Default for Limits {
         Self {
             deadline: DEFAULT_DEADLINE,
             memory_bytes: DEFAULT_MEMORY_CAP,
+            fuel: None,
         }
     }
 }
@@ -98,6 +103,9 @@ pub enum CallError {
     /// The call ran past its wall-clock deadline and was interrupted.
     #[error("interrupted after exceeding its {0:?} deadline")]
     Timeout(Duration),
+    /// The call used up its fuel (instruction budget).
+    #[error("ran out of its fuel budget of {0} units")]
+    OutOfFuel(u64),
     /// The guest tried to grow its memory past the cap.
     #[error("stopped at its memory cap of {0} bytes")]
     MemoryLimit(usize),
@@ -216,12 +224,105 @@ pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<CallState>>,
     stop_ticker: Arc<AtomicBool>,
+    cache: Option<Arc<CompileCache>>,
+    /// Components compiled in this process, by sha256: identical files are
+    /// compiled (or read from disk) once.
+    compiled: Arc<std::sync::Mutex<std::collections::HashMap<String, Component>>>,
+}
+
+/// Where a component came from when loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Compiled now (and written to the cache if there is one).
+    Compiled,
+    /// Read from the on-disk cache.
+    Disk,
+    /// Already compiled in this process.
+    Memory,
+}
+
+impl CacheOutcome {
+    /// `hit` or `miss`, for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Compiled => "miss",
+            Self::Disk | Self::Memory => "hit",
+        }
+    }
+}
+
+/// The on-disk cache of precompiled components: one file per component,
+/// named by the component's SHA-256, in a directory named by the engine's
+/// compatibility hash (so an engine upgrade or different settings never
+/// read another engine's artifacts).
+pub struct CompileCache {
+    dir: PathBuf,
+}
+
+impl CompileCache {
+    /// A cache under `root` for `engine`.
+    pub fn new(root: &Path, engine: &Engine) -> std::io::Result<Self> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let dir = root.join(format!("engine-{:016x}", hasher.finish()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    fn path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.cwasm"))
+    }
+
+    /// Reads a precompiled component, if this cache has one for `sha256`.
+    #[allow(unsafe_code)]
+    fn read(&self, engine: &Engine, sha256: &str) -> Option<Component> {
+        let path = self.path(sha256);
+        if !path.is_file() {
+            return None;
+        }
+        // SAFETY: `Component::deserialize_file` trusts its input to be an
+        // artifact this engine produced. These bytes are: only this host
+        // writes into the cache directory (it is the user's own cache dir),
+        // each file is written by `Component::serialize` of this very engine
+        // configuration (the directory is keyed by the engine's
+        // precompile-compatibility hash) and named by the SHA-256 of the
+        // component it came from, and it is written to a temporary name and
+        // renamed, so a partial write is never read. Wasmtime additionally
+        // checks the artifact header against the engine and refuses a
+        // mismatch.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unusable compile-cache entry; recompiling");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    fn write(&self, sha256: &str, component: &Component) {
+        let path = self.path(sha256);
+        let tmp = self
+            .dir
+            .join(format!(".{sha256}.{}.tmp", std::process::id()));
+        let result = component
+            .serialize()
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(path = %path.display(), error = %e, "could not write the compile cache");
+        }
+    }
 }
 
 impl Runtime {
-    /// Builds the engine (pooling allocator, epoch interruption) and starts
-    /// the epoch ticker thread.
-    pub fn new() -> Result<Self, wasmtime::Error> {
+    /// Builds the engine (pooling allocator, epoch interruption, fuel
+    /// metering) and starts the epoch ticker thread. With `cache_root`,
+    /// compiled components are kept on disk there.
+    pub fn new(cache_root: Option<&Path>) -> Result<Self, wasmtime::Error> {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(MAX_CONCURRENT_CALLS)
             .total_core_instances(MAX_CONCURRENT_CALLS * 8)
@@ -233,6 +334,7 @@ impl Runtime {
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
+            .consume_fuel(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
@@ -251,11 +353,60 @@ impl Runtime {
                 }
             })
             .map_err(wasmtime::Error::from)?;
+        let cache = match cache_root {
+            Some(root) => match CompileCache::new(root, &engine) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    tracing::warn!(dir = %root.display(), error = %e, "compile cache unavailable; compiling every start");
+                    None
+                }
+            },
+            None => None,
+        };
         Ok(Self {
             engine,
             linker: Arc::new(linker),
             stop_ticker,
+            cache,
+            compiled: Arc::default(),
         })
+    }
+
+    /// The component for `bytes`: from this process, the disk cache, or
+    /// compiled now.
+    fn component(
+        &self,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> Result<(Component, CacheOutcome), LoadError> {
+        if let Some(c) = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sha256)
+        {
+            return Ok((c.clone(), CacheOutcome::Memory));
+        }
+        let (component, outcome) = match self
+            .cache
+            .as_ref()
+            .and_then(|c| c.read(&self.engine, sha256))
+        {
+            Some(c) => (c, CacheOutcome::Disk),
+            None => {
+                let c = Component::new(&self.engine, bytes)
+                    .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+                if let Some(cache) = &self.cache {
+                    cache.write(sha256, &c);
+                }
+                (c, CacheOutcome::Compiled)
+            }
+        };
+        self.compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sha256.to_owned(), component.clone());
+        Ok((component, outcome))
     }
 
     /// Compiles `bytes`, links it against the `reconciler` world and calls
@@ -263,10 +414,11 @@ impl Runtime {
     pub fn load(&self, bytes: &[u8], limits: Limits) -> Result<LoadedPlugin, LoadError> {
         let sha256 = hex::encode(Sha256::digest(bytes));
         let started = Instant::now();
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-        let compile_time = started.elapsed();
-        self.link(component, sha256, limits, compile_time)
+        let (component, cache) = self.component(bytes, &sha256)?;
+        let mut plugin = self.link(component, sha256, limits)?;
+        plugin.load_time = started.elapsed();
+        plugin.cache = cache;
+        Ok(plugin)
     }
 
     fn link(
@@ -274,7 +426,6 @@ impl Runtime {
         component: Component,
         sha256: String,
         limits: Limits,
-        compile_time: Duration,
     ) -> Result<LoadedPlugin, LoadError> {
         let pre = self
             .linker
@@ -290,7 +441,8 @@ impl Runtime {
                 memory_bytes: limits.memory_bytes.min(MAX_MEMORY_CAP),
                 ..limits
             },
-            compile_time,
+            load_time: Duration::ZERO,
+            cache: CacheOutcome::Compiled,
         };
         let described = plugin.call("(loading)".into(), |bindings, store| {
             bindings.kuwa_controller_plugin().call_describe(store)
@@ -318,8 +470,10 @@ pub struct LoadedPlugin {
     pub sha256: String,
     /// Per-call limits.
     pub limits: Limits,
-    /// How long compiling took.
-    pub compile_time: Duration,
+    /// How long loading took (compile or cache read, link, describe).
+    pub load_time: Duration,
+    /// Where the compiled code came from.
+    pub cache: CacheOutcome,
 }
 
 impl LoadedPlugin {
@@ -355,6 +509,9 @@ impl LoadedPlugin {
             CallState::new(plugin, self.limits.memory_bytes),
         );
         store.limiter(|state| state);
+        store
+            .set_fuel(self.limits.fuel.unwrap_or(u64::MAX))
+            .map_err(|e| CallError::Instantiate(format!("{e:#}")))?;
         let ticks = self
             .limits
             .deadline
@@ -375,6 +532,8 @@ impl LoadedPlugin {
                 CallError::MemoryLimit(self.limits.memory_bytes)
             } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                 CallError::Timeout(self.limits.deadline)
+            } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) {
+                CallError::OutOfFuel(self.limits.fuel.unwrap_or(u64::MAX))
             } else {
                 CallError::Trap(format!("{e:#}"))
             }
