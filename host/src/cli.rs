@@ -410,6 +410,7 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
     let name = parent["metadata"]["name"].as_str().unwrap_or_default();
     let (wanted, status) = validate_output(
         &plugin.info,
+        &plugin.grant,
         &ParentRef { namespace, name },
         &desired.children,
         desired.status.as_deref(),

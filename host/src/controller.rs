@@ -2,7 +2,7 @@
 //! changes into queue keys, the worker pool, and periodic resyncs.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::apply::Writer;
 use crate::cache::{CacheError, Caches, Change, KindCache, ObjKey};
+use crate::grant::TokenBucket;
 use crate::metrics::Metrics;
 use crate::plugin::{Gvk, PluginInfo, RelatedMapping};
 use crate::queue::{QueueKey, WorkQueue};
@@ -46,9 +47,55 @@ pub struct ActivePlugin {
     pub children: Vec<Arc<KindCache>>,
     /// Caches of the related kinds with their mappings.
     pub related: Vec<(Arc<KindCache>, RelatedMapping)>,
+    /// The plugin's API write budget.
+    pub budget: TokenBucket,
+    /// Consecutive failed reconciles across the plugin's keys.
+    consecutive_failures: AtomicU32,
+    /// Whether the plugin is quarantined.
+    quarantined: AtomicBool,
 }
 
 impl ActivePlugin {
+    /// Waits for a token of the plugin's write budget before an API write.
+    pub async fn write_permit(&self, metrics: &Metrics) {
+        if self.budget.take().await {
+            metrics.write_budget_wait(&self.info().name);
+        }
+    }
+
+    /// Records a successful reconcile: resets the failure streak and lifts a
+    /// quarantine.
+    pub fn record_success(&self, metrics: &Metrics) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.quarantined.swap(false, Ordering::Relaxed) {
+            metrics.set_quarantined(&self.info().name, false);
+            tracing::info!(plugin = %self.info().name, "quarantine lifted: a reconcile succeeded");
+        }
+    }
+
+    /// Records a reconcile the plugin is to blame for. Returns whether the
+    /// plugin is (now) quarantined.
+    pub fn record_failure(&self, metrics: &Metrics) -> bool {
+        let streak = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let limit = self.loaded.grant.quarantine_after;
+        if streak >= limit && !self.quarantined.swap(true, Ordering::Relaxed) {
+            metrics.set_quarantined(&self.info().name, true);
+            tracing::error!(
+                plugin = %self.info().name,
+                version = %self.info().version,
+                failures = streak,
+                backoff = ?crate::grant::QUARANTINE_BACKOFF,
+                "plugin quarantined after consecutive failures; its keys back off until a new version is loaded"
+            );
+        }
+        self.quarantined.load(Ordering::Relaxed)
+    }
+
+    /// Whether the plugin is quarantined.
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+
     /// What the plugin declared.
     pub fn info(&self) -> &PluginInfo {
         &self.loaded.info
@@ -283,11 +330,16 @@ impl Host {
                 related.push((self.caches.acquire(g).await?, m.clone()));
                 acquired.push(g.clone());
             }
+            let grant = &loaded.grant;
+            let budget = TokenBucket::new(grant.writes_per_second, grant.write_burst);
             Ok::<_, CacheError>(ActivePlugin {
                 loaded,
                 parent,
                 children,
                 related,
+                budget,
+                consecutive_failures: AtomicU32::new(0),
+                quarantined: AtomicBool::new(false),
             })
         }
         .await;
@@ -302,8 +354,14 @@ impl Host {
         };
         self.metrics
             .plugin_loaded(&info.name, &info.version, &active.loaded.sha256);
+        let concurrency = active
+            .loaded
+            .grant
+            .concurrency
+            .unwrap_or(self.config.plugin_concurrency);
         self.queue
-            .with(|q| q.set_plugin(info.name.clone(), self.config.plugin_concurrency));
+            .with(|q| q.set_plugin(info.name.clone(), concurrency));
+        self.metrics.set_quarantined(&info.name, false);
         let previous = self
             .plugins
             .write()

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod cli;
 pub mod controller;
 pub mod endpoints;
+pub mod grant;
 pub mod loader;
 pub mod metrics;
 pub mod plugin;

@@ -52,18 +52,39 @@ pub enum FileError {
     /// It is not a usable plugin.
     #[error("{0}: {1}")]
     Load(PathBuf, LoadError),
+    /// Its manifest is unusable.
+    #[error(transparent)]
+    Manifest(#[from] crate::grant::ManifestError),
 }
 
-/// Compiles and describes one plugin file (blocking: compiling takes time).
+impl FileError {
+    /// One word for metrics: read, manifest, compile, link or describe.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Read(..) => "read",
+            Self::Manifest(_) => "manifest",
+            Self::Load(_, LoadError::Compile(_)) => "compile",
+            Self::Load(_, LoadError::Link(_)) => "link",
+            Self::Load(_, LoadError::Describe(_) | LoadError::Call(_)) => "describe",
+        }
+    }
+}
+
+/// Compiles and describes one plugin file (blocking: compiling takes time),
+/// with the grant and limits of its manifest (`<stem>.yaml`, optional) over
+/// the host-wide `defaults`.
 pub fn load_file(
     runtime: &Runtime,
     path: &Path,
-    limits: Limits,
+    defaults: Limits,
 ) -> Result<LoadedPlugin, FileError> {
+    let (grant, limits) = crate::grant::load(path, defaults)?;
     let bytes = std::fs::read(path).map_err(|e| FileError::Read(path.to_owned(), e))?;
-    runtime
+    let mut plugin = runtime
         .load(&bytes, limits)
-        .map_err(|e| FileError::Load(path.to_owned(), e))
+        .map_err(|e| FileError::Load(path.to_owned(), e))?;
+    plugin.grant = grant;
+    Ok(plugin)
 }
 
 /// Compiles every plugin in `dir` off the async executor. A file that fails

@@ -56,6 +56,9 @@ pub enum Outcome {
     },
     /// Failure: retry with exponential backoff.
     Failure,
+    /// Failure of a quarantined plugin: retry only after
+    /// [`crate::grant::QUARANTINE_BACKOFF`] (or when a new version is loaded).
+    Quarantined,
 }
 
 /// The exponential backoff after `failures` consecutive failures.
@@ -216,10 +219,13 @@ impl QueueCore {
                     self.add_at(key.clone(), now + after, "requeue");
                 }
             }
-            Outcome::Failure => {
+            Outcome::Failure | Outcome::Quarantined => {
                 let failures = self.failures.entry(key.clone()).or_insert(0);
                 *failures += 1;
-                let delay = backoff(*failures);
+                let mut delay = backoff(*failures);
+                if outcome == Outcome::Quarantined {
+                    delay = delay.max(crate::grant::QUARANTINE_BACKOFF);
+                }
                 self.add_at(key.clone(), now + delay, "retry");
             }
         }
@@ -227,7 +233,7 @@ impl QueueCore {
             // Something changed while the key was being reconciled: look again
             // now. A failing key keeps its backoff entry too, so a hot loop of
             // events cannot bypass the backoff for long.
-            if outcome == Outcome::Failure {
+            if !matches!(outcome, Outcome::Success { .. }) {
                 return;
             }
             self.add(key.clone(), trigger);
@@ -424,6 +430,19 @@ mod tests {
         q.done(&k, Outcome::Failure, now);
         assert!(q.pop().is_none());
         q.promote_due(now + BASE_BACKOFF);
+        assert!(q.pop().is_some());
+    }
+
+    #[test]
+    fn quarantined_keys_wait_long() {
+        let now = Instant::now();
+        let mut q = core(&[("a", 1)]);
+        q.add(key("a", "x"), "event");
+        let (k, _) = q.pop().unwrap();
+        q.done(&k, Outcome::Quarantined, now);
+        assert_eq!(q.next_due(now), Some(crate::grant::QUARANTINE_BACKOFF));
+        // A new version re-adds every key at once.
+        q.add(key("a", "x"), "plugin loaded");
         assert!(q.pop().is_some());
     }
 

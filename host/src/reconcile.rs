@@ -66,6 +66,15 @@ impl Failure {
         }
     }
 
+    /// Whether the plugin itself is to blame (counts towards quarantine),
+    /// as opposed to the cluster (API errors, conflicts) or the user (spec).
+    fn is_plugin_fault(&self) -> bool {
+        matches!(
+            self,
+            Self::Call(_) | Self::Plugin(_) | Self::InvalidOutput(_)
+        )
+    }
+
     fn event_reason(&self) -> &'static str {
         match self {
             Self::Call(_) => "PluginFailed",
@@ -104,6 +113,18 @@ pub async fn run(host: &Arc<Host>, key: &QueueKey, trigger: &'static str) -> Out
             requeue_after: None,
         };
     };
+    if !plugin
+        .loaded
+        .grant
+        .allows_namespace(parent.metadata.namespace.as_deref())
+    {
+        // Outside the plugin's grant: the plugin may not act here at all.
+        tracing::debug!(plugin = %key.plugin, object = %key, "parent outside the plugin's granted namespaces");
+        host.metrics.reconciled(&key.plugin, "outside_grant", 0.0);
+        return Outcome::Success {
+            requeue_after: None,
+        };
+    }
     let span = tracing::info_span!(
         "reconcile",
         plugin = %key.plugin,
@@ -119,6 +140,7 @@ pub async fn run(host: &Arc<Host>, key: &QueueKey, trigger: &'static str) -> Out
     let name = &*key.plugin;
     match result {
         Ok(requeue_after) => {
+            plugin.record_success(&host.metrics);
             host.metrics.reconciled(name, "success", seconds);
             tracing::debug!(parent: &span, seconds, "reconciled");
             Outcome::Success { requeue_after }
@@ -126,9 +148,10 @@ pub async fn run(host: &Arc<Host>, key: &QueueKey, trigger: &'static str) -> Out
         Err(failure) => {
             host.metrics.reconciled(name, "error", seconds);
             host.metrics.reconcile_error(name, failure.reason());
+            let quarantined = failure.is_plugin_fault() && plugin.record_failure(&host.metrics);
             if let Failure::Call(e) = &failure {
                 host.metrics.wasm_trap(name, failure.reason());
-                tracing::warn!(parent: &span, error = %e, "plugin call failed");
+                tracing::warn!(parent: &span, error = %e, seconds, "plugin call failed");
             } else {
                 tracing::warn!(parent: &span, error = %failure, "reconcile failed");
             }
@@ -153,6 +176,7 @@ pub async fn run(host: &Arc<Host>, key: &QueueKey, trigger: &'static str) -> Out
                 }
             }
             if record_event {
+                plugin.write_permit(&host.metrics).await;
                 host.writer
                     .event(
                         name,
@@ -169,6 +193,7 @@ pub async fn run(host: &Arc<Host>, key: &QueueKey, trigger: &'static str) -> Out
                 Failure::InvalidSpec(_) => Outcome::Success {
                     requeue_after: None,
                 },
+                _ if quarantined => Outcome::Quarantined,
                 _ => Outcome::Failure,
             }
         }
@@ -200,6 +225,7 @@ async fn mark_degraded(
         return Ok(false);
     }
     let target = parent_target(plugin, parent);
+    plugin.write_permit(&host.metrics).await;
     host.writer
         .apply_status(plugin.info(), &target, &status)
         .await?;
@@ -308,6 +334,7 @@ async fn reconcile_parent(
             record(host, plugin, parent, e).await;
         }
         if finalized.done {
+            plugin.write_permit(&host.metrics).await;
             host.writer.set_finalizer(info, &target, false).await?;
             return Ok(None);
         }
@@ -319,6 +346,7 @@ async fn reconcile_parent(
     }
 
     if info.finalizer && !has_finalizer {
+        plugin.write_permit(&host.metrics).await;
         host.writer.set_finalizer(info, &target, true).await?;
     }
 
@@ -335,6 +363,7 @@ async fn reconcile_parent(
     let namespaced = |g: &Gvk| plugin.children.iter().any(|c| &c.gvk == g && c.namespaced);
     let (wanted, status) = validate_output(
         info,
+        &plugin.loaded.grant,
         &parent_ref,
         &desired.children,
         desired.status.as_deref(),
@@ -394,6 +423,7 @@ async fn reconcile_parent(
                 namespace: child_ns.as_deref(),
                 name,
             };
+            plugin.write_permit(&host.metrics).await;
             host.writer.apply(info, &t, body).await?;
         }
     }
@@ -415,6 +445,7 @@ async fn reconcile_parent(
             namespace: child_ns.as_deref(),
             name: &name,
         };
+        plugin.write_permit(&host.metrics).await;
         host.writer
             .delete(info, &t, &child.uid().unwrap_or_default())
             .await?;
@@ -422,6 +453,7 @@ async fn reconcile_parent(
     if let Some(status) = status {
         let current = parent.data.get("status").cloned().unwrap_or(Value::Null);
         if !is_subset(&status, &current) {
+            plugin.write_permit(&host.metrics).await;
             host.writer.apply_status(info, &target, &status).await?;
         }
     }
@@ -441,6 +473,7 @@ fn plugin_error(e: wit::ReconcileError) -> Failure {
 
 async fn record(host: &Host, plugin: &ActivePlugin, parent: &DynamicObject, e: &wit::Event) {
     let warning = matches!(e.event_type, wit::EventType::Warning);
+    plugin.write_permit(&host.metrics).await;
     host.writer
         .event(
             &plugin.info().name,

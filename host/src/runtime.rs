@@ -443,6 +443,7 @@ impl Runtime {
             },
             load_time: Duration::ZERO,
             cache: CacheOutcome::Compiled,
+            grant: crate::grant::Grant::default(),
         };
         let described = plugin.call("(loading)".into(), |bindings, store| {
             bindings.kuwa_controller_plugin().call_describe(store)
@@ -474,6 +475,8 @@ pub struct LoadedPlugin {
     pub load_time: Duration,
     /// Where the compiled code came from.
     pub cache: CacheOutcome,
+    /// What the plugin may do (from its manifest; set by the loader).
+    pub grant: crate::grant::Grant,
 }
 
 impl LoadedPlugin {

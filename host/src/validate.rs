@@ -9,6 +9,7 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
+use crate::grant::Grant;
 use crate::plugin::{Gvk, PluginInfo};
 
 /// Most children one reconcile may return.
@@ -48,6 +49,14 @@ pub enum ValidationError {
     /// A child is of a kind the plugin did not declare.
     #[error("child {name:?} is a {gvk}, which the plugin did not declare as a child kind")]
     UndeclaredKind {
+        /// The child's kind.
+        gvk: Gvk,
+        /// The child's name.
+        name: String,
+    },
+    /// A child is of a declared kind that the plugin's grant does not allow.
+    #[error("child {name:?} is a {gvk}, which the plugin's grant does not allow it to create")]
+    KindNotGranted {
         /// The child's kind.
         gvk: Gvk,
         /// The child's name.
@@ -140,21 +149,22 @@ pub struct Child {
 /// Parses and checks the children and status a plugin returned for `parent`.
 pub fn validate_output(
     info: &PluginInfo,
+    grant: &Grant,
     parent: &ParentRef<'_>,
     children: &[String],
     status: Option<&str>,
 ) -> Result<(Vec<Child>, Option<Value>), ValidationError> {
     let bytes = children.iter().map(String::len).sum::<usize>() + status.map_or(0, str::len);
-    if bytes > MAX_OUTPUT_BYTES {
+    if bytes > grant.max_output_bytes {
         return Err(ValidationError::TooLarge {
             bytes,
-            limit: MAX_OUTPUT_BYTES,
+            limit: grant.max_output_bytes,
         });
     }
-    if children.len() > MAX_CHILDREN {
+    if children.len() > grant.max_children {
         return Err(ValidationError::TooManyChildren {
             count: children.len(),
-            limit: MAX_CHILDREN,
+            limit: grant.max_children,
         });
     }
     let mut seen = HashSet::new();
@@ -178,6 +188,9 @@ pub fn validate_output(
             .to_owned();
         if !info.owns(&gvk) {
             return Err(ValidationError::UndeclaredKind { gvk, name });
+        }
+        if !grant.allows_kind(&gvk) {
+            return Err(ValidationError::KindNotGranted { gvk, name });
         }
         if !is_dns_subdomain(&name) {
             return Err(ValidationError::InvalidName { gvk, name });
@@ -229,7 +242,7 @@ mod tests {
 
     fn check(children: &[Value]) -> Result<Vec<Child>, ValidationError> {
         let texts: Vec<String> = children.iter().map(Value::to_string).collect();
-        validate_output(&info(), &PARENT, &texts, None).map(|(c, _)| c)
+        validate_output(&info(), &Grant::default(), &PARENT, &texts, None).map(|(c, _)| c)
     }
 
     fn cm(name: &str) -> Value {
@@ -244,6 +257,37 @@ mod tests {
         let out = check(&[cm("web-content"), d]).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].gvk, Gvk::new("apps", "v1", "Deployment"));
+    }
+
+    #[test]
+    fn rejects_kinds_outside_the_grant() {
+        let grant = Grant {
+            child_kinds: Some([Gvk::new("", "v1", "ConfigMap")].into_iter().collect()),
+            ..Grant::default()
+        };
+        let d = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}})
+            .to_string();
+        let err =
+            validate_output(&info(), &grant, &PARENT, &[cm("a").to_string(), d], None).unwrap_err();
+        assert!(
+            matches!(err, ValidationError::KindNotGranted { .. }),
+            "{err}"
+        );
+        let tight = Grant {
+            max_children: 1,
+            ..Grant::default()
+        };
+        let err = validate_output(
+            &info(),
+            &tight,
+            &PARENT,
+            &[cm("a").to_string(), cm("b").to_string()],
+            None,
+        );
+        assert!(matches!(
+            err,
+            Err(ValidationError::TooManyChildren { count: 2, limit: 1 })
+        ));
     }
 
     #[test]
@@ -288,9 +332,17 @@ mod tests {
 
     #[test]
     fn rejects_garbage_text() {
-        let err = validate_output(&info(), &PARENT, &["{not json".to_owned()], None).unwrap_err();
+        let err = validate_output(
+            &info(),
+            &Grant::default(),
+            &PARENT,
+            &["{not json".to_owned()],
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(err, ValidationError::NotAnObject { index: 0, .. }));
-        let err = validate_output(&info(), &PARENT, &[], Some("[]")).unwrap_err();
+        let err =
+            validate_output(&info(), &Grant::default(), &PARENT, &[], Some("[]")).unwrap_err();
         assert_eq!(err, ValidationError::StatusNotAnObject);
     }
 
