@@ -66,6 +66,17 @@ impl KuwaHost {
     /// Starts the host with copies of `plugins`, watching `namespace` only,
     /// with `--install-crds` and any `extra` arguments; waits for `/readyz`.
     pub async fn start(namespace: &str, plugins: &[PathBuf], extra: &[&str]) -> Result<Self> {
+        Self::start_with(namespace, plugins, &[], extra).await
+    }
+
+    /// Like [`KuwaHost::start`], also writing plugin manifests: each
+    /// `(stem, yaml)` becomes `<stem>.yaml` next to `<stem>.wasm`.
+    pub async fn start_with(
+        namespace: &str,
+        plugins: &[PathBuf],
+        manifests: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let plugins_dir = dir.path().join("plugins");
         std::fs::create_dir_all(&plugins_dir)?;
@@ -74,6 +85,9 @@ impl KuwaHost {
                 p,
                 plugins_dir.join(p.file_name().context("plugin path has no file name")?),
             )?;
+        }
+        for (stem, yaml) in manifests {
+            std::fs::write(plugins_dir.join(format!("{stem}.yaml")), yaml)?;
         }
         let kubeconfig = tokio::task::spawn_blocking(kubeconfig_path).await??;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
