@@ -26,6 +26,9 @@ use crate::plugin::{Gvk, PluginInfo};
 /// Annotation on each child: hash of the object the plugin last asked for.
 pub const DESIRED_HASH_ANNOTATION: &str = "kuwa.dev/desired-hash";
 
+/// Annotation on each parent: `<plugin>@<version>` that last reconciled it.
+pub const PLUGIN_VERSION_ANNOTATION: &str = "kuwa.dev/plugin-version";
+
 /// Label on each child: the plugin that manages it.
 pub const PLUGIN_LABEL: &str = "kuwa.dev/plugin";
 
@@ -294,6 +297,31 @@ impl Writer {
         target
             .api(&self.client)
             .patch_status(target.name, &params, &Patch::Apply(&body))
+            .await?;
+        Ok(())
+    }
+
+    /// Records on a parent which plugin version reconciled it, as the
+    /// annotation [`PLUGIN_VERSION_ANNOTATION`] (its own field manager, so
+    /// it never disturbs the plugin's fields).
+    pub async fn set_version_annotation(
+        &self,
+        plugin: &PluginInfo,
+        target: &Target<'_>,
+        value: &str,
+    ) -> Result<(), kube::Error> {
+        self.metrics
+            .api_write(&plugin.name, "annotate", &target.gvk.to_string());
+        let mut metadata =
+            json!({"name": target.name, "annotations": {PLUGIN_VERSION_ANNOTATION: value}});
+        if let Some(ns) = target.namespace {
+            metadata["namespace"] = json!(ns);
+        }
+        let body = json!({"apiVersion": target.gvk.api_version(), "kind": target.gvk.kind, "metadata": metadata});
+        let params = PatchParams::apply(&format!("{}-version", plugin.field_manager())).force();
+        target
+            .api(&self.client)
+            .patch(target.name, &params, &Patch::Apply(&body))
             .await?;
         Ok(())
     }

@@ -95,7 +95,7 @@ impl Metrics {
         );
         registry.register(
             "kuwa_api_writes",
-            "API writes the host made, by plugin, verb (apply, delete, status, event, finalizer) and kind",
+            "API writes the host made, by plugin, verb (apply, delete, status, event, finalizer, annotate) and kind",
             m.api_writes.clone(),
         );
         registry.register(
@@ -122,6 +122,31 @@ impl Metrics {
             "kuwa_resyncs",
             "Full resyncs of a plugin's parents",
             m.resyncs.clone(),
+        );
+        registry.register(
+            "kuwa_plugin_load_errors",
+            "Plugin files not loaded (the version already served keeps serving), by file and reason (read, manifest, compile, link, describe, incompatible)",
+            m.plugin_load_errors.clone(),
+        );
+        registry.register(
+            "kuwa_plugin_swaps",
+            "Hot swaps of a plugin to a new version",
+            m.plugin_swaps.clone(),
+        );
+        registry.register(
+            "kuwa_plugin_load_seconds",
+            "How long loading the plugin's current version took (compile or compile-cache read, link, describe), by plugin and cache (hit, miss)",
+            m.plugin_load_seconds.clone(),
+        );
+        registry.register(
+            "kuwa_plugin_quarantined",
+            "1 while a plugin is quarantined after consecutive failures",
+            m.plugin_quarantined.clone(),
+        );
+        registry.register(
+            "kuwa_write_budget_waits",
+            "API writes that waited for the plugin's write budget (token bucket)",
+            m.write_budget_waits.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
@@ -305,6 +330,42 @@ mod tests {
             text.contains(r#"kuwa_api_writes_total{plugin="webserver",verb="apply",kind="apps/v1/Deployment"} 2"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn hot_swap_metrics_are_exported() {
+        let m = Metrics::new();
+        m.plugin_load_error("webserver.wasm", "compile");
+        m.plugin_swapped("webserver");
+        let text = m.render();
+        assert!(
+            text.contains(r#"kuwa_plugin_load_errors_total{file="webserver.wasm",reason="compile"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"kuwa_plugin_swaps_total{plugin="webserver"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_metric_is_registered() {
+        let m = Metrics::new();
+        m.plugin_load_error("a.wasm", "compile");
+        m.plugin_swapped("p");
+        m.set_quarantined("p", true);
+        m.plugin_load_time("p", "hit", 0.01);
+        m.write_budget_wait("p");
+        let text = m.render();
+        for name in [
+            "kuwa_plugin_load_errors_total",
+            "kuwa_plugin_swaps_total",
+            "kuwa_plugin_quarantined",
+            "kuwa_plugin_load_seconds",
+            "kuwa_write_budget_waits_total",
+        ] {
+            assert!(text.lines().any(|l| l.starts_with(name)), "{name} missing:\n{text}");
+        }
     }
 
     #[test]

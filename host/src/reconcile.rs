@@ -15,7 +15,8 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use crate::apply::{
-    Target, is_subset, needs_apply, owner_reference, prepare_child, upsert_condition,
+    PLUGIN_VERSION_ANNOTATION, Target, is_subset, needs_apply, owner_reference, prepare_child,
+    upsert_condition,
 };
 use crate::cache::ObjKey;
 use crate::controller::{ActivePlugin, Host, selector_matches};
@@ -459,6 +460,13 @@ async fn reconcile_parent(
     }
     for e in &desired.events {
         record(host, plugin, parent, e).await;
+    }
+    let version = format!("{}@{}", info.name, info.version);
+    if parent.annotations().get(PLUGIN_VERSION_ANNOTATION) != Some(&version) {
+        plugin.write_permit(&host.metrics).await;
+        host.writer
+            .set_version_annotation(info, &target, &version)
+            .await?;
     }
     Ok(desired.requeue_after_ms.map(Duration::from_millis))
 }

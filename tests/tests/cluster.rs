@@ -54,8 +54,38 @@ fn pod_running_ready(pod: &Pod) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// `kubectl` on PATH, if there is one.
+fn kubectl_on_path() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("kubectl"))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// The kubectls to check with: the one on PATH when there is one, and always
+/// the project's own (`cargo xtask cluster kubectl`, which runs
+/// `kuwa-localcluster kubectl`). Each is (label, program, leading args).
+fn kubectls() -> Vec<(String, PathBuf, Vec<String>)> {
+    let mut all = Vec::new();
+    if let Some(path) = kubectl_on_path() {
+        all.push((path.display().to_string(), path, Vec::new()));
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let xtask = ["xtask", "cluster", "kubectl", "--"].map(String::from);
+    all.push((
+        "cargo xtask cluster kubectl".into(),
+        cargo.into(),
+        xtask.to_vec(),
+    ));
+    all
+}
+
 /// Done-when 1: 5 Ready nodes, 2 of them with `nvidia.com/gpu`, seen through
-/// the kube client and through `kubectl --kubeconfig <path> get nodes`.
+/// the kube client and through `kubectl --kubeconfig <path> get nodes`, with
+/// the kubectl on PATH (if any) and with the project's own.
 #[tokio::test]
 async fn nodes_are_ready_and_two_have_gpus() -> Result<()> {
     let client = client().await?;
@@ -85,43 +115,49 @@ async fn nodes_are_ready_and_two_have_gpus() -> Result<()> {
     }
 
     let path = kubeconfig_path()?;
-    let kubectl = |args: &[&str]| -> Result<String> {
-        let out = std::process::Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&path)
-            .args(args)
-            .output()
-            .context("running kubectl (is it on PATH?)")?;
+    for (label, program, lead) in kubectls() {
+        let kubectl = |args: &[&str]| -> Result<String> {
+            let out = std::process::Command::new(&program)
+                .args(&lead)
+                .arg("--kubeconfig")
+                .arg(&path)
+                .args(args)
+                .current_dir(workspace_root())
+                .stdin(std::process::Stdio::null())
+                .output()
+                .with_context(|| format!("running {label}"))?;
+            ensure!(
+                out.status.success(),
+                "{label} {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let table = kubectl(&["get", "nodes", "--no-headers"])?;
+        let rows: Vec<&str> = table.lines().filter(|l| !l.trim().is_empty()).collect();
         ensure!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            rows.len() == 5,
+            "{label} get nodes listed {} nodes:\n{table}",
+            rows.len()
         );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let table = kubectl(&["get", "nodes", "--no-headers"])?;
-    let rows: Vec<&str> = table.lines().filter(|l| !l.trim().is_empty()).collect();
-    ensure!(
-        rows.len() == 5,
-        "kubectl get nodes listed {} nodes:\n{table}",
-        rows.len()
-    );
-    ensure!(
-        rows.iter()
-            .all(|r| r.split_whitespace().nth(1) == Some("Ready")),
-        "not all nodes Ready in kubectl get nodes:\n{table}"
-    );
-    let gpus = kubectl(&[
-        "get",
-        "nodes",
-        "-o",
-        r#"jsonpath={range .items[*]}{.metadata.name}={.status.capacity.nvidia\.com/gpu}{"\n"}{end}"#,
-    ])?;
-    let with_gpu = gpus.lines().filter(|l| l.ends_with("=4")).count();
-    ensure!(
-        with_gpu == 2,
-        "kubectl shows {with_gpu} nodes with nvidia.com/gpu=4:\n{gpus}"
-    );
+        ensure!(
+            rows.iter()
+                .all(|r| r.split_whitespace().nth(1) == Some("Ready")),
+            "not all nodes Ready in {label} get nodes:\n{table}"
+        );
+        let gpus = kubectl(&[
+            "get",
+            "nodes",
+            "-o",
+            r#"jsonpath={range .items[*]}{.metadata.name}={.status.capacity.nvidia\.com/gpu}{"\n"}{end}"#,
+        ])?;
+        let with_gpu = gpus.lines().filter(|l| l.ends_with("=4")).count();
+        ensure!(
+            with_gpu == 2,
+            "{label} shows {with_gpu} nodes with nvidia.com/gpu=4:\n{gpus}"
+        );
+    }
     Ok(())
 }
 
@@ -672,6 +708,34 @@ fn down_leaves_no_process_and_no_port() -> Result<()> {
             status.contains("cluster: up") && status.contains("nodes: 2 (2 Ready"),
             "status:\n{status}"
         );
+        // `up` wrote <state dir>/bin/kubectl, and status names it.
+        let wrapper = dir.join("bin").join("kubectl");
+        ensure!(
+            status.contains(&format!("kubectl: {}", wrapper.display())),
+            "status does not mention {}:\n{status}",
+            wrapper.display()
+        );
+        let out = std::process::Command::new(&wrapper)
+            .args(["get", "nodes", "--no-headers"])
+            .output()
+            .with_context(|| format!("running {}", wrapper.display()))?;
+        let table = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && table.lines().count() == 2,
+            "{} get nodes ({}):\n{table}{}",
+            wrapper.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // `cargo xtask cluster kubectl` finds this cluster by its state dir.
+        let names = xtask_in(
+            &dir,
+            &["cluster", "kubectl", "--", "get", "nodes", "-o", "name"],
+        )?;
+        ensure!(
+            names.lines().filter(|l| l.starts_with("node/")).count() == 2,
+            "cargo xtask cluster kubectl get nodes:\n{names}"
+        );
 
         let state: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
@@ -719,6 +783,10 @@ fn down_leaves_no_process_and_no_port() -> Result<()> {
         ensure!(!dir.exists(), "state dir {} still exists", dir.display());
 
         xtask_in(&dir, &["cluster", "down"]).context("second down")?;
+        ensure!(
+            xtask_in(&dir, &["cluster", "kubectl", "--", "get", "nodes"]).is_err(),
+            "cargo xtask cluster kubectl succeeded with the cluster down"
+        );
         let status = xtask_in(&dir, &["cluster", "status"])?;
         ensure!(
             status.contains("cluster: down"),

@@ -1,6 +1,6 @@
 // Command kuwa-localcluster is the multicall binary behind `cargo xtask
 // cluster`: one link of the upstream Kubernetes components (kube-apiserver,
-// kube-controller-manager, kube-scheduler), an embedded etcd and kwok, plus a
+// kube-controller-manager, kube-scheduler), an embedded etcd, kwok and kubectl, plus a
 // few helper subcommands used by the Rust orchestration. The first argument
 // picks what to run; each component runs in its own process.
 package main
@@ -17,6 +17,7 @@ var commands = map[string]func(args []string) int{
 	"kube-controller-manager": runControllerManager,
 	"kube-scheduler":          runScheduler,
 	"kwok":                    runKwok,
+	"kubectl":                 runKubectl,
 	"init":                    runInit,
 	"bootstrap":               runBootstrap,
 	"wait-apiserver":          runWaitAPIServer,

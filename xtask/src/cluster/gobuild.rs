@@ -156,7 +156,7 @@ fn cached_any_go(cache: &Path, hash: &str) -> Option<PathBuf> {
 fn build(go: &Path, version: &str, src: &Path, dir: &Path, bin: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     eprintln!(
-        "building kuwa-localcluster (kube-apiserver, kube-controller-manager, kube-scheduler {KUBE_VERSION}, etcd 3.6, kwok) with {version}."
+        "building kuwa-localcluster (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl {KUBE_VERSION}, etcd 3.6, kwok) with {version}."
     );
     eprintln!(
         "  The first build compiles Kubernetes from source: ~7-9 min on 2 cores, ~2 GB RAM. Later runs reuse\n  {} (and Go's build cache), so they start in seconds.",
@@ -216,13 +216,14 @@ fn build(go: &Path, version: &str, src: &Path, dir: &Path, bin: &Path) -> Result
 }
 
 /// Keeps the `keep` most recently built binaries in the cache (each is
-/// ~130 MB); older ones are removed. A cluster still running from a removed
-/// binary keeps running (`up` restarts it from the new one when it is asked
-/// to and cannot probe it).
+/// ~140 MB); older ones are removed, except those a running process (say, a
+/// cluster started before the sources changed) still executes: `up` probes a
+/// running cluster with its own binary and would restart it if that were gone.
 fn prune(cache: &Path, keep: usize) {
     let Ok(entries) = std::fs::read_dir(cache) else {
         return;
     };
+    let in_use = super::proc::executables_in_use();
     let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.path().join("kuwa-localcluster").is_file())
@@ -240,6 +241,10 @@ fn prune(cache: &Path, keep: usize) {
         .collect();
     dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
     for (_, old) in dirs.into_iter().skip(keep) {
+        let bin = old.join("kuwa-localcluster");
+        if in_use.contains(&std::fs::canonicalize(&bin).unwrap_or(bin)) {
+            continue;
+        }
         let _ = std::fs::remove_dir_all(&old);
     }
 }

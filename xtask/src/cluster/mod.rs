@@ -1,4 +1,4 @@
-//! `cargo xtask cluster up|down|status`: a local Kubernetes control plane on
+//! `cargo xtask cluster up|down|status|kubectl`: a local Kubernetes control plane on
 //! loopback, built from the upstream Go modules (see docs/local-cluster.md).
 //!
 //! `up` builds (or reuses) the multicall binary `kuwa-localcluster`, starts
@@ -6,7 +6,8 @@
 //! detached processes, creates the fake nodes, waits until the cluster is
 //! usable and prints the admin kubeconfig path as the last line of stdout.
 //! PIDs and ports go to `<state dir>/state.json`; `down` stops exactly those
-//! processes and removes the state dir.
+//! processes and removes the state dir. The binary also contains kubectl:
+//! `cargo xtask cluster kubectl -- <args>` or `<state dir>/bin/kubectl`.
 
 mod gobuild;
 mod proc;
@@ -38,6 +39,17 @@ pub enum Action {
     Down,
     /// Print whether the cluster is up, its endpoints and node count.
     Status,
+    /// Run kubectl (built into kuwa-localcluster) with the running cluster's kubeconfig.
+    Kubectl(KubectlArgs),
+}
+
+/// Arguments of `cargo xtask cluster kubectl`.
+#[derive(ClapArgs)]
+pub struct KubectlArgs {
+    /// kubectl's arguments (after `--`). With `--kubeconfig` among them, that
+    /// cluster is used and the local one need not run.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
 }
 
 /// Options of `cargo xtask cluster up`.
@@ -79,7 +91,88 @@ pub fn run(args: &Args) -> Result<()> {
         }
         Action::Down => down(),
         Action::Status => status(),
+        Action::Kubectl(k) => kubectl(&k.args),
     }
+}
+
+/// Where `up` writes the kubectl wrapper script.
+fn kubectl_wrapper(dir: &Path) -> PathBuf {
+    dir.join("bin").join("kubectl")
+}
+
+/// `'...'` for sh.
+fn sh_quote(p: &Path) -> String {
+    format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"))
+}
+
+/// Writes `<dir>/bin/kubectl`: runs `binary kubectl` with the cluster's admin
+/// kubeconfig.
+fn write_kubectl_wrapper(dir: &Path, binary: &Path, kubeconfig: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = kubectl_wrapper(dir);
+    let bin_dir = dir.join("bin");
+    std::fs::create_dir_all(&bin_dir).with_context(|| format!("creating {}", bin_dir.display()))?;
+    let script = format!(
+        "#!/bin/sh\n# kubectl for the local cluster in {}; written by `cargo xtask cluster up`.\nexec {} kubectl --kubeconfig {} \"$@\"\n",
+        dir.display(),
+        sh_quote(binary),
+        sh_quote(kubeconfig)
+    );
+    let tmp = bin_dir.join(".kubectl.tmp");
+    std::fs::write(&tmp, script)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Whether `<dir>/bin/kubectl` exists and the binary it runs is still there.
+fn kubectl_wrapper_ok(dir: &Path) -> bool {
+    let Ok(script) = std::fs::read_to_string(kubectl_wrapper(dir)) else {
+        return false;
+    };
+    // The `exec '<binary>' kubectl ...` line written above.
+    script
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("exec '")?
+                .split_once("' kubectl ")
+                .map(|(b, _)| b.replace(r"'\''", "'"))
+        })
+        .is_some_and(|b| Path::new(&b).is_file())
+}
+
+/// `cargo xtask cluster kubectl -- <args>`: replaces this process with the
+/// current sources' `kuwa-localcluster kubectl`, given the running cluster's
+/// kubeconfig unless `args` name one.
+fn kubectl(args: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let own_kubeconfig = args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--kubeconfig" || a.starts_with("--kubeconfig="));
+    let mut cmd;
+    if own_kubeconfig {
+        cmd = Command::new(gobuild::ensure_binary()?);
+        cmd.arg("kubectl");
+    } else {
+        let dir = state::state_dir()?;
+        let state = match inspect(&dir) {
+            Found::Running(state) => state,
+            Found::Nothing => bail!(
+                "the local cluster is not running (no {}): start it with `cargo xtask cluster up`, or pass --kubeconfig",
+                dir.display()
+            ),
+            Found::Stale(_, why) => bail!(
+                "the local cluster is not running (stale state from {why} in {}): start it with `cargo xtask cluster up`, or pass --kubeconfig",
+                dir.display()
+            ),
+        };
+        cmd = Command::new(gobuild::ensure_binary()?);
+        cmd.arg("kubectl")
+            .arg("--kubeconfig")
+            .arg(&state.kubeconfig);
+    }
+    let err = cmd.args(args).exec();
+    Err(err).context("running kuwa-localcluster kubectl")
 }
 
 /// Holds an exclusive lock on the state dir's lock file while alive.
@@ -195,6 +288,18 @@ pub fn up(args: &UpArgs) -> Result<PathBuf> {
                         state.apiserver_url,
                         dir.display()
                     );
+                    if !kubectl_wrapper_ok(&dir) {
+                        // Started by an older xtask (or its binary was
+                        // pruned): point the wrapper at the current build.
+                        if let Err(e) = gobuild::ensure_binary()
+                            .and_then(|b| write_kubectl_wrapper(&dir, &b, &state.kubeconfig))
+                        {
+                            eprintln!(
+                                "note: could not write {}: {e:#}",
+                                kubectl_wrapper(&dir).display()
+                            );
+                        }
+                    }
                     let n = &state.nodes;
                     if (n.cpu, n.gpu, n.gpus_per_node)
                         != (args.cpu_nodes, args.gpu_nodes, args.gpus_per_node)
@@ -360,6 +465,7 @@ fn start(dir: &Path, binary: &Path, args: &UpArgs) -> Result<State> {
         components: Vec::new(),
     };
     state.save()?;
+    write_kubectl_wrapper(dir, binary, &state.kubeconfig)?;
     let mut running: Vec<Running> = Vec::new();
     let launch = |state: &mut State,
                   running: &mut Vec<Running>,
@@ -604,6 +710,18 @@ fn status() -> Result<()> {
             }
             println!("state dir: {}", dir.display());
             println!("kubeconfig: {}", state.kubeconfig.display());
+            let wrapper = kubectl_wrapper(&dir);
+            if wrapper.is_file() {
+                println!(
+                    "kubectl: {} (or `cargo xtask cluster kubectl -- <args>`)",
+                    wrapper.display()
+                );
+            } else {
+                println!(
+                    "kubectl: `cargo xtask cluster kubectl -- <args>` (`up` writes {})",
+                    wrapper.display()
+                );
+            }
             println!(
                 "apiserver: {} ({})",
                 state.apiserver_url,

@@ -121,6 +121,23 @@ fn wait_gone(live: &[&Component], timeout: Duration) -> bool {
     }
 }
 
+/// The executables of all running processes we can see (`/proc/<pid>/exe`).
+pub fn executables_in_use() -> std::collections::HashSet<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_link(e.path().join("exe")).ok())
+        .collect()
+}
+
 /// A free loopback TCP port (bound, then released for the component to take).
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind(("127.0.0.1", 0)).context("binding a free loopback port")?;
