@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -223,7 +222,6 @@ impl kuwa::controller::types::Host for CallState {}
 pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<CallState>>,
-    stop_ticker: Arc<AtomicBool>,
     cache: Option<Arc<CompileCache>>,
     /// Components compiled in this process, by sha256: identical files are
     /// compiled (or read from disk) once.
@@ -341,15 +339,18 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         Reconciler::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
 
-        let stop_ticker = Arc::new(AtomicBool::new(false));
-        let ticker_engine = engine.clone();
-        let stop = stop_ticker.clone();
+        // The ticker holds the engine weakly: it ends once the runtime and
+        // every plugin compiled by it are gone, releasing the instance pool.
+        let weak = engine.weak();
         std::thread::Builder::new()
             .name("kuwa-epoch".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
+                loop {
                     std::thread::sleep(EPOCH_TICK);
-                    ticker_engine.increment_epoch();
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => return,
+                    }
                 }
             })
             .map_err(wasmtime::Error::from)?;
@@ -366,7 +367,6 @@ impl Runtime {
         Ok(Self {
             engine,
             linker: Arc::new(linker),
-            stop_ticker,
             cache,
             compiled: Arc::default(),
         })
@@ -453,14 +453,6 @@ impl Runtime {
     }
 }
 
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if Arc::strong_count(&self.stop_ticker) == 1 {
-            self.stop_ticker.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
 /// A compiled, described plugin ready to be instantiated per call.
 pub struct LoadedPlugin {
     engine: Engine,
@@ -541,5 +533,31 @@ impl LoadedPlugin {
                 CallError::Trap(format!("{e:#}"))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each runtime reserves address space for its instance pool; a dropped
+    /// runtime must give it back (its epoch ticker must not keep the engine
+    /// alive), or a process that builds runtimes repeatedly runs out.
+    #[test]
+    fn dropped_runtimes_release_their_engine() {
+        for _ in 0..40 {
+            let runtime = Runtime::new(None).expect("a runtime");
+            let weak = runtime.engine.weak();
+            drop(runtime);
+            let mut gone = false;
+            for _ in 0..100 {
+                std::thread::sleep(EPOCH_TICK);
+                if weak.upgrade().is_none() {
+                    gone = true;
+                    break;
+                }
+            }
+            assert!(gone, "the engine outlived its runtime");
+        }
     }
 }
