@@ -49,6 +49,9 @@ pub struct Change {
     pub object: Arc<DynamicObject>,
     /// Whether it was deleted.
     pub deleted: bool,
+    /// Its previous state, when it was updated: the router also requeues
+    /// the parents the object no longer maps to (an owner or label change).
+    pub previous: Option<Arc<DynamicObject>>,
 }
 
 /// Why a kind could not be cached.
@@ -95,16 +98,20 @@ impl Store {
         }
     }
 
-    fn upsert(&mut self, object: Arc<DynamicObject>) -> bool {
+    /// Stores `object`. Returns `None` when nothing changed, else the
+    /// previous state (`Some(None)` for a new object).
+    #[allow(clippy::option_option)]
+    fn upsert(&mut self, object: Arc<DynamicObject>) -> Option<Option<Arc<DynamicObject>>> {
         let key = ObjKey::of(&object);
         let changed = self.objects.get(&key).is_none_or(|old| {
             old.resource_version() != object.resource_version() || old.uid() != object.uid()
         });
-        if let Some(old) = self.objects.insert(key.clone(), object.clone()) {
-            self.unindex(&key, &old);
+        let previous = self.objects.insert(key.clone(), object.clone());
+        if let Some(old) = &previous {
+            self.unindex(&key, old);
         }
         self.index(&key, &object);
-        changed
+        changed.then_some(previous)
     }
 
     fn remove(&mut self, key: &ObjKey) -> Option<Arc<DynamicObject>> {
@@ -216,20 +223,22 @@ impl KindCache {
         metrics: &Metrics,
     ) {
         let kind = self.gvk.to_string();
-        let send = |object: Arc<DynamicObject>, deleted: bool| {
-            // The router outlives the caches; a closed channel means shutdown.
-            let _ = changes.send(Change {
-                gvk: self.gvk.clone(),
-                object,
-                deleted,
-            });
-        };
+        let send =
+            |object: Arc<DynamicObject>, deleted: bool, previous: Option<Arc<DynamicObject>>| {
+                // The router outlives the caches; a closed channel means shutdown.
+                let _ = changes.send(Change {
+                    gvk: self.gvk.clone(),
+                    object,
+                    deleted,
+                    previous,
+                });
+            };
         match event {
             Event::Apply(object) => {
                 metrics.watch_event(&kind);
                 let object = Arc::new(strip(object, &self.resource));
-                if self.write().upsert(object.clone()) {
-                    send(object, false);
+                if let Some(previous) = self.write().upsert(object.clone()) {
+                    send(object, false, previous);
                 }
             }
             Event::Delete(object) => {
@@ -239,6 +248,7 @@ impl KindCache {
                 send(
                     old.unwrap_or_else(|| Arc::new(strip(object, &self.resource))),
                     true,
+                    None,
                 );
             }
             Event::Init => {
@@ -268,16 +278,16 @@ impl KindCache {
                 }
                 let mut changed = Vec::new();
                 for object in fresh.into_values() {
-                    if store.upsert(object.clone()) {
-                        changed.push(object);
+                    if let Some(previous) = store.upsert(object.clone()) {
+                        changed.push((object, previous));
                     }
                 }
                 drop(store);
                 for object in deleted {
-                    send(object, true);
+                    send(object, true, None);
                 }
-                for object in changed {
-                    send(object, false);
+                for (object, previous) in changed {
+                    send(object, false, previous);
                 }
                 self.synced.send_replace(true);
             }

@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 use crate::apply::{owner_reference, prepare_child};
 use crate::controller::{DEFAULT_PLUGIN_CONCURRENCY, Host, HostConfig};
-use crate::loader::{install_crd, load_dir, load_file};
+use crate::hotswap::PluginDir;
+use crate::loader::{load_dir, load_file};
 use crate::metrics::Metrics;
 use crate::plugin::PluginInfo;
 use crate::reconcile::now_rfc3339;
@@ -219,43 +220,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         memory_bytes: args.memory_cap_mib << 20,
         fuel: None,
     };
-    let loaded = load_dir(&runtime, &args.plugins, limits).await?;
-    if loaded.is_empty() {
-        tracing::warn!(dir = %args.plugins.display(), "no plugins (*.wasm) found");
-    }
-    for result in loaded {
-        let plugin = match result {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "plugin not loaded");
-                continue;
-            }
-        };
-        tracing::info!(
-            plugin = %plugin.info.name,
-            version = %plugin.info.version,
-            sha256 = %&plugin.sha256[..12],
-            load_ms = plugin.load_time.as_secs_f64() * 1000.0,
-            compile_cache = plugin.cache.label(),
-            "plugin loaded"
-        );
-        host.metrics.plugin_load_time(
-            &plugin.info.name,
-            plugin.cache.label(),
-            plugin.load_time.as_secs_f64(),
-        );
-        if args.install_crds
-            && let Some(crd) = &plugin.info.crd
-        {
-            match install_crd(&client, crd).await {
-                Ok(name) => tracing::info!(crd = %name, "CRD installed"),
-                Err(e) => {
-                    tracing::error!(plugin = %plugin.info.name, error = %e, "CRD not installed")
-                }
-            }
-        }
-        tasks.push(activate_until_served(host.clone(), plugin));
-    }
+    let plugins = PluginDir::new(
+        host.clone(),
+        runtime,
+        &args.plugins,
+        limits,
+        args.install_crds,
+    )?;
+    tasks.push(plugins.serve().await?);
     host.mark_started();
 
     shutdown_signal().await;
@@ -264,27 +236,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
-}
-
-/// Activates a plugin, retrying while a kind it needs is not served yet
-/// (e.g. its CRD is installed later).
-fn activate_until_served(
-    host: Arc<Host>,
-    plugin: Arc<LoadedPlugin>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut delay = Duration::from_secs(1);
-        loop {
-            match host.activate(plugin.clone()).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(plugin = %plugin.info.name, error = %e, retry_in = ?delay, "plugin not active yet");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
-            }
-        }
-    })
 }
 
 async fn shutdown_signal() {

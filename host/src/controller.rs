@@ -428,22 +428,25 @@ impl Host {
                 }
                 continue;
             }
-            if info.owns(&change.gvk)
-                && let Some(key) = p.parent_of(&change.object)
-            {
-                self.queue.add(
-                    key,
-                    if change.deleted {
+            // Route by the object's current and previous state, so a parent
+            // that an object stops belonging to is looked at again too.
+            let states = std::iter::once(&change.object).chain(change.previous.as_ref());
+            for object in states {
+                if info.owns(&change.gvk)
+                    && let Some(key) = p.parent_of(object)
+                {
+                    let trigger = if change.deleted {
                         "child deleted"
                     } else {
                         "child changed"
-                    },
-                );
-            }
-            for (cache, mapping) in &p.related {
-                if cache.gvk == change.gvk {
-                    for key in p.parents_of_related(mapping, &change.object) {
-                        self.queue.add(key, "related changed");
+                    };
+                    self.queue.add(key, trigger);
+                }
+                for (cache, mapping) in &p.related {
+                    if cache.gvk == change.gvk {
+                        for key in p.parents_of_related(mapping, object) {
+                            self.queue.add(key, "related changed");
+                        }
                     }
                 }
             }

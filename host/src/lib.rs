@@ -6,7 +6,8 @@
 //!
 //! Modules follow the data flow (DESIGN §2): [`cache`] (shared watches) →
 //! [`queue`] → [`reconcile`] (snapshot, call, [`validate`]) → [`apply`], with
-//! the plugin [`runtime`] and [`loader`], the [`controller`] that wires them,
+//! the plugin [`runtime`] and [`loader`], [`hotswap`] (the watched plugins
+//! directory), the [`controller`] that wires them,
 //! [`metrics`] and [`endpoints`], and the [`cli`].
 
 pub mod apply;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod controller;
 pub mod endpoints;
 pub mod grant;
+pub mod hotswap;
 pub mod loader;
 pub mod metrics;
 pub mod plugin;

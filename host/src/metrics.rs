@@ -339,7 +339,9 @@ mod tests {
         m.plugin_swapped("webserver");
         let text = m.render();
         assert!(
-            text.contains(r#"kuwa_plugin_load_errors_total{file="webserver.wasm",reason="compile"} 1"#),
+            text.contains(
+                r#"kuwa_plugin_load_errors_total{file="webserver.wasm",reason="compile"} 1"#
+            ),
             "{text}"
         );
         assert!(
@@ -364,7 +366,10 @@ mod tests {
             "kuwa_plugin_load_seconds",
             "kuwa_write_budget_waits_total",
         ] {
-            assert!(text.lines().any(|l| l.starts_with(name)), "{name} missing:\n{text}");
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "{name} missing:\n{text}"
+            );
         }
     }
 

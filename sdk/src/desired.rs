@@ -123,6 +123,12 @@ impl<S: Serialize> Desired<S> {
         &self.children
     }
 
+    /// The desired children as JSON, to change them after they were added
+    /// (e.g. a plugin wrapping another one adds a label to each).
+    pub fn children_mut(&mut self) -> &mut Vec<Value> {
+        &mut self.children
+    }
+
     /// The desired child of type `K` named `name`, if any (for tests).
     pub fn child_named<K>(&self, name: &str) -> Option<K>
     where

@@ -335,6 +335,7 @@ impl Reconciler for WebServerPlugin {
     }
 }
 
+#[cfg(feature = "component")]
 kuwa_sdk::export_plugin!(WebServerPlugin);
 
 #[cfg(test)]

@@ -11,7 +11,12 @@ use serde::{Deserialize, Serialize};
 
 /// Spec of the test kind.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "test.kuwa.dev", version = "v1", kind = "FanoutTest", namespaced)]
+#[kube(
+    group = "test.kuwa.dev",
+    version = "v1",
+    kind = "FanoutTest",
+    namespaced
+)]
 pub struct FanoutTestSpec {
     /// Copied into the ConfigMap.
     #[serde(default)]
@@ -33,7 +38,10 @@ impl Reconciler for Plugin {
         let name = parent.metadata.name.clone().unwrap_or_default();
         Ok(Desired::new().child(ConfigMap {
             metadata: child_meta(parent, format!("{name}-out")),
-            data: Some(BTreeMap::from([("value".to_owned(), parent.spec.value.clone())])),
+            data: Some(BTreeMap::from([(
+                "value".to_owned(),
+                parent.spec.value.clone(),
+            )])),
             ..ConfigMap::default()
         }))
     }

@@ -17,7 +17,12 @@ use serde::{Deserialize, Serialize};
 
 /// Spec of the test kind.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "test.kuwa.dev", version = "v1", kind = "RogueTest", namespaced)]
+#[kube(
+    group = "test.kuwa.dev",
+    version = "v1",
+    kind = "RogueTest",
+    namespaced
+)]
 pub struct RogueTestSpec {
     /// What to return beyond the one good ConfigMap.
     #[serde(default)]
@@ -32,7 +37,9 @@ impl Reconciler for Plugin {
     type Status = ();
 
     fn describe() -> Description {
-        Description::new::<RogueTest>("test-rogue", "0.1.0").owns::<ConfigMap>().owns::<Secret>()
+        Description::new::<RogueTest>("test-rogue", "0.1.0")
+            .owns::<ConfigMap>()
+            .owns::<Secret>()
     }
 
     fn reconcile(parent: &RogueTest, _observed: &Observed) -> Result<Desired<()>, Error> {
@@ -47,11 +54,15 @@ impl Reconciler for Plugin {
             "other-namespace" => {
                 let mut meta = child_meta(parent, format!("{name}-elsewhere"));
                 meta.namespace = Some("kube-system".to_owned());
-                desired.child(ConfigMap { metadata: meta, ..ConfigMap::default() })
+                desired.child(ConfigMap {
+                    metadata: meta,
+                    ..ConfigMap::default()
+                })
             }
-            "ungranted-kind" => {
-                desired.child(Secret { metadata: child_meta(parent, format!("{name}-secret")), ..Secret::default() })
-            }
+            "ungranted-kind" => desired.child(Secret {
+                metadata: child_meta(parent, format!("{name}-secret")),
+                ..Secret::default()
+            }),
             _ => desired,
         })
     }
