@@ -195,6 +195,52 @@ impl KuwaHost {
         Ok(())
     }
 
+    /// Forces `rounds` full resyncs of a converged world and returns how many
+    /// API writes they caused. Waits for the host to go idle first, and for
+    /// each round to reconcile at least `parents` of `plugin`'s parents, so a
+    /// 0 means "reconciled everything and wrote nothing", not "did nothing".
+    pub async fn forced_resync_writes(
+        &self,
+        plugin: &str,
+        parents: usize,
+        rounds: usize,
+    ) -> Result<f64> {
+        let timeout = Duration::from_secs(120);
+        self.wait_idle(Duration::from_secs(3), timeout).await?;
+        let writes_before = self.metric("kuwa_api_writes_total", &[]).await?;
+        let mut reconciles = self
+            .metric("kuwa_reconciles_total", &[("plugin", plugin)])
+            .await?;
+        for round in 1..=rounds {
+            self.resync().await?;
+            let target = reconciles + parents as f64;
+            reconciles = wait_for(
+                &format!("resync round {round} to reconcile {parents} parents"),
+                timeout,
+                || async move {
+                    let n = self
+                        .metric("kuwa_reconciles_total", &[("plugin", plugin)])
+                        .await?;
+                    Ok((n >= target).then_some(n))
+                },
+            )
+            .await?;
+            self.wait_idle(Duration::from_secs(2), timeout).await?;
+        }
+        Ok(self.metric("kuwa_api_writes_total", &[]).await? - writes_before)
+    }
+
+    /// The `kuwa_api_writes_total` series, for assertion messages.
+    pub async fn write_metrics(&self) -> Result<String> {
+        Ok(self
+            .metrics()
+            .await?
+            .lines()
+            .filter(|l| l.starts_with("kuwa_api_writes"))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
     /// Waits until the host has no queued or delayed keys and its reconcile
     /// count has not moved for `quiet` (bounded by `timeout`).
     pub async fn wait_idle(&self, quiet: Duration, timeout: Duration) -> Result<()> {

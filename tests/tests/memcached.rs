@@ -490,51 +490,12 @@ async fn steady_state_resync_writes_nothing() -> Result<()> {
         wait_config_matches_pods(&client, n, &name, 1).await?;
         wait_converged(&client, n, &name).await?;
     }
-    host.wait_idle(Duration::from_secs(3), CONVERGE).await?;
-    let writes_before = host.metric("kuwa_api_writes_total", &[]).await?;
-    let reconciles_before = host
-        .metric("kuwa_reconciles_total", &[("plugin", "memcached")])
-        .await?;
-    host.resync().await?;
-    let target = reconciles_before + COUNT as f64;
-    wait_for(
-        &format!("the resync to reconcile all {COUNT}"),
-        CONVERGE,
-        || {
-            let host = &host;
-            async move {
-                let now = host
-                    .metric("kuwa_reconciles_total", &[("plugin", "memcached")])
-                    .await?;
-                Ok((now >= target).then_some(()))
-            }
-        },
-    )
-    .await?;
-    host.wait_idle(Duration::from_secs(2), CONVERGE).await?;
-    let writes_after = host.metric("kuwa_api_writes_total", &[]).await?;
-    let reconciles_after = host
-        .metric("kuwa_reconciles_total", &[("plugin", "memcached")])
-        .await?;
-    let errors = host
-        .metric("kuwa_reconcile_errors_total", &[("plugin", "memcached")])
-        .await?;
-    assert!(
-        reconciles_after - reconciles_before >= COUNT as f64,
-        "the resync reconciled {} of {COUNT}",
-        reconciles_after - reconciles_before
-    );
-    assert_eq!(errors, 0.0, "no reconcile failed");
+    let writes = host.forced_resync_writes("memcached", COUNT, 1).await?;
     assert_eq!(
-        writes_after - writes_before,
+        writes,
         0.0,
         "a steady-state resync must not write; metrics:\n{}",
-        host.metrics()
-            .await?
-            .lines()
-            .filter(|l| l.starts_with("kuwa_api_writes"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        host.write_metrics().await?
     );
     assert_no_errors(&host).await?;
     drop(host);

@@ -344,41 +344,16 @@ async fn steady_state_resyncs_write_nothing() -> Result<()> {
     for i in 0..COUNT {
         wait_available(&client, &ns.name, &format!("ws-{i}"), 1).await?;
     }
-    host.wait_idle(Duration::from_secs(3), CONVERGE).await?;
-    let writes_before = host.metric("kuwa_api_writes_total", &[]).await?;
-    let mut reconciles = host.metric("kuwa_reconciles_total", &[]).await?;
-    for round in 1..=3 {
-        host.resync().await?;
-        let target = reconciles + COUNT as f64;
-        reconciles = wait_for(
-            &format!("resync round {round} to reconcile all {COUNT}"),
-            CONVERGE,
-            || {
-                let host = &host;
-                async move {
-                    let n = host.metric("kuwa_reconciles_total", &[]).await?;
-                    Ok((n >= target).then_some(n))
-                }
-            },
-        )
-        .await?;
-        host.wait_idle(Duration::from_secs(2), CONVERGE).await?;
-    }
-    let writes_after = host.metric("kuwa_api_writes_total", &[]).await?;
+    let writes = host.forced_resync_writes("webserver", COUNT, 3).await?;
     let resyncs = host
         .metric("kuwa_resyncs_total", &[("plugin", "webserver")])
         .await?;
     assert!(resyncs >= 3.0, "3 forced resyncs counted, got {resyncs}");
     assert_eq!(
-        writes_after - writes_before,
+        writes,
         0.0,
         "steady-state resyncs must not write; metrics:\n{}",
-        host.metrics()
-            .await?
-            .lines()
-            .filter(|l| l.starts_with("kuwa_api_writes"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        host.write_metrics().await?
     );
     drop(host);
     ns.cleanup().await;
