@@ -37,6 +37,7 @@ pub mod glue;
 pub mod log;
 mod meta;
 mod observed;
+pub mod pods;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -2,6 +2,7 @@
 //! backend StatefulSet, as `ip:port` endpoints in ordinal order.
 
 use k8s_openapi::api::core::v1::Pod;
+use kuwa_sdk::pods::{is_ready, statefulset_ordinal};
 
 /// One backend Pod the proxy may route to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,41 +11,6 @@ pub struct Backend {
     pub ordinal: u32,
     /// `ip:port`, IPv6 addresses in brackets as mcrouter wants them.
     pub endpoint: String,
-}
-
-/// The ordinal of `pod` when it is a Pod of StatefulSet `statefulset`: it is
-/// owned by it and named `<statefulset>-<ordinal>`.
-fn ordinal(pod: &Pod, statefulset: &str) -> Option<u32> {
-    let owned = pod
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.kind == "StatefulSet" && o.name == statefulset);
-    if !owned {
-        return None;
-    }
-    let suffix = pod
-        .metadata
-        .name
-        .as_deref()?
-        .strip_prefix(statefulset)?
-        .strip_prefix('-')?;
-    // `parse` would accept "+1" and "01"; the StatefulSet controller writes neither.
-    if suffix.is_empty()
-        || !suffix.bytes().all(|b| b.is_ascii_digit())
-        || (suffix.len() > 1 && suffix.starts_with('0'))
-    {
-        return None;
-    }
-    suffix.parse().ok()
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 fn endpoint(ip: &str, port: u16) -> String {
@@ -64,7 +30,7 @@ pub fn ready(statefulset: &str, replicas: i32, port: u16, pods: &[Pod]) -> Vec<B
         .iter()
         .filter(|pod| pod.metadata.deletion_timestamp.is_none() && is_ready(pod))
         .filter_map(|pod| {
-            let ordinal = ordinal(pod, statefulset)?;
+            let ordinal = statefulset_ordinal(pod, statefulset)?;
             let ip = pod
                 .status
                 .as_ref()?

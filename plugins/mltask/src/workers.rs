@@ -2,6 +2,7 @@
 //! the task runs, finished or failed.
 
 use k8s_openapi::api::core::v1::Pod;
+use kuwa_sdk::pods::{is_ready, statefulset_ordinal};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -37,37 +38,6 @@ pub struct Workers {
     pub failure: Option<String>,
 }
 
-/// The ordinal of `pod` when it is a Pod of StatefulSet `statefulset`.
-fn ordinal(pod: &Pod, statefulset: &str) -> Option<u32> {
-    let owned = pod
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.kind == "StatefulSet" && o.name == statefulset);
-    let suffix = pod
-        .metadata
-        .name
-        .as_deref()?
-        .strip_prefix(statefulset)?
-        .strip_prefix('-')?;
-    let canonical = !suffix.is_empty()
-        && suffix.bytes().all(|b| b.is_ascii_digit())
-        && (suffix.len() == 1 || !suffix.starts_with('0'));
-    if owned && canonical {
-        suffix.parse().ok()
-    } else {
-        None
-    }
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 fn pod_phase(pod: &Pod) -> &str {
     pod.status
         .as_ref()
@@ -86,7 +56,7 @@ fn pod_phase(pod: &Pod) -> &str {
 pub fn observe(statefulset: &str, parallelism: i32, pods: &[Pod]) -> Workers {
     let mut workers: Vec<(u32, &Pod)> = pods
         .iter()
-        .filter_map(|p| ordinal(p, statefulset).map(|o| (o, p)))
+        .filter_map(|p| statefulset_ordinal(p, statefulset).map(|o| (o, p)))
         .filter(|(o, _)| i64::from(*o) < i64::from(parallelism))
         .collect();
     workers.sort_by_key(|(o, _)| *o);
