@@ -9,7 +9,7 @@
 //! `k8s-openapi` types and a `kube::CustomResource` spec, exported with
 //! [`export_plugin!`]:
 //!
-//! ```ignore
+//! ```text
 //! struct Plugin;
 //! impl kuwa_sdk::Reconciler for Plugin {
 //!     type Parent = WebServer;
