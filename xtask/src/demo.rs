@@ -42,7 +42,9 @@ pub fn run(args: &Args) -> Result<()> {
     let built = plugins::run(&plugins::Args::default())?;
     eprintln!("==> building the host");
     let kuwa = build_host()?;
-    eprintln!("==> starting the local control plane (the first run builds it: ~7-9 min on 2 cores)");
+    eprintln!(
+        "==> starting the local control plane (the first run builds it: ~7-9 min on 2 cores)"
+    );
     let kubeconfig = cluster::up(&args.cluster)?;
     let samples = workspace_root().join("deploy/samples");
     eprintln!();

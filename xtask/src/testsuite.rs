@@ -38,7 +38,9 @@ pub fn run(args: &Args) -> Result<()> {
     eprintln!("==> building the host");
     let kuwa = demo::build_host()?;
     let was_running = cluster::is_running();
-    eprintln!("==> starting the local control plane (the first run builds it: ~7-9 min on 2 cores)");
+    eprintln!(
+        "==> starting the local control plane (the first run builds it: ~7-9 min on 2 cores)"
+    );
     let kubeconfig = cluster::up(&args.cluster)?;
     eprintln!("==> cargo test --workspace");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
