@@ -202,6 +202,16 @@ pub struct Target<'a> {
 }
 
 impl Target<'_> {
+    /// A server-side-apply body for the target: its identity plus the given
+    /// `metadata` fields (name and namespace are filled in).
+    fn apply_body(&self, mut metadata: Value) -> Value {
+        metadata["name"] = json!(self.name);
+        if let Some(ns) = self.namespace {
+            metadata["namespace"] = json!(ns);
+        }
+        json!({"apiVersion": self.gvk.api_version(), "kind": self.gvk.kind, "metadata": metadata})
+    }
+
     fn api(&self, client: &Client) -> Api<DynamicObject> {
         match self.namespace {
             Some(ns) => Api::namespaced_with(client.clone(), ns, self.resource),
@@ -283,16 +293,8 @@ impl Writer {
     ) -> Result<(), kube::Error> {
         self.metrics
             .api_write(&plugin.name, "status", &target.gvk.to_string());
-        let mut metadata = json!({"name": target.name});
-        if let Some(ns) = target.namespace {
-            metadata["namespace"] = json!(ns);
-        }
-        let body = json!({
-            "apiVersion": target.gvk.api_version(),
-            "kind": target.gvk.kind,
-            "metadata": metadata,
-            "status": status,
-        });
+        let mut body = target.apply_body(json!({}));
+        body["status"] = status.clone();
         let params = PatchParams::apply(plugin.field_manager()).force();
         target
             .api(&self.client)
@@ -312,12 +314,7 @@ impl Writer {
     ) -> Result<(), kube::Error> {
         self.metrics
             .api_write(&plugin.name, "annotate", &target.gvk.to_string());
-        let mut metadata =
-            json!({"name": target.name, "annotations": {PLUGIN_VERSION_ANNOTATION: value}});
-        if let Some(ns) = target.namespace {
-            metadata["namespace"] = json!(ns);
-        }
-        let body = json!({"apiVersion": target.gvk.api_version(), "kind": target.gvk.kind, "metadata": metadata});
+        let body = target.apply_body(json!({"annotations": {PLUGIN_VERSION_ANNOTATION: value}}));
         let params = PatchParams::apply(&format!("{}-version", plugin.field_manager())).force();
         target
             .api(&self.client)
@@ -341,11 +338,7 @@ impl Writer {
         } else {
             Vec::new()
         };
-        let mut metadata = json!({"name": target.name, "finalizers": finalizers});
-        if let Some(ns) = target.namespace {
-            metadata["namespace"] = json!(ns);
-        }
-        let body = json!({"apiVersion": target.gvk.api_version(), "kind": target.gvk.kind, "metadata": metadata});
+        let body = target.apply_body(json!({"finalizers": finalizers}));
         let params = PatchParams::apply(&format!("{}-finalizer", plugin.field_manager())).force();
         match target
             .api(&self.client)
