@@ -7,6 +7,7 @@
 //! * [`wait_for`]: the one bounded polling loop every wait should use.
 
 pub mod host;
+pub mod objects;
 
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};

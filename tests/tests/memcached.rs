@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use kuwa_e2e::host::{KuwaHost, apply_json, plugin, yaml_file};
+use kuwa_e2e::objects::{condition, controlled_by, instance_pods, owned_by};
 use kuwa_e2e::{TestNamespace, client, wait_for};
 use serde_json::{Value, json};
 
@@ -42,21 +43,6 @@ fn memcached(name: &str, replicas: i64, topology: &str) -> Value {
         "metadata": {"name": name},
         "spec": {"replicas": replicas, "memoryMB": 16, "topology": topology, "proxy": {"replicas": 1}},
     })
-}
-
-fn condition(object: &DynamicObject, type_: &str) -> Option<Value> {
-    object.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
-}
-
-fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.uid == uid && o.controller == Some(true))
 }
 
 fn is_ready(pod: &Pod) -> bool {
@@ -561,57 +547,27 @@ async fn deleting_a_memcached_removes_its_children() -> Result<()> {
     Ok(())
 }
 
-/// The children controlled by `uid` (every kind the plugin creates) and the
-/// Pods of instance `name`, as `Kind/name`.
+/// What of the parent `uid` (named `name`) is still there: its controlled
+/// children, and the Pods labelled as its instance.
 async fn remaining_children(
     client: &Client,
     ns: &str,
     uid: &str,
     name: &str,
 ) -> Result<Vec<String>> {
-    let lp = ListParams::default();
-    let mut out = Vec::new();
-    let mut add = |kind: &str, meta: &kube::api::ObjectMeta| {
-        if owned_by(meta, uid) {
-            out.push(format!("{kind}/{}", meta.name.clone().unwrap_or_default()));
-        }
-    };
-    for o in Api::<StatefulSet>::namespaced(client.clone(), ns)
-        .list(&lp)
-        .await?
-        .items
-    {
-        add("StatefulSet", &o.metadata);
-    }
-    for o in Api::<Service>::namespaced(client.clone(), ns)
-        .list(&lp)
-        .await?
-        .items
-    {
-        add("Service", &o.metadata);
-    }
-    for o in Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .list(&lp)
-        .await?
-        .items
-    {
-        add("ConfigMap", &o.metadata);
-    }
-    for o in Api::<Deployment>::namespaced(client.clone(), ns)
-        .list(&lp)
-        .await?
-        .items
-    {
-        add("Deployment", &o.metadata);
-    }
-    let instance = ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"));
-    for o in Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&instance)
-        .await?
-        .items
-    {
-        out.push(format!("Pod/{}", o.name_any()));
-    }
+    let mut out = controlled_by(
+        client,
+        ns,
+        uid,
+        &[
+            ApiResource::erase::<StatefulSet>(&()),
+            ApiResource::erase::<Service>(&()),
+            ApiResource::erase::<ConfigMap>(&()),
+            ApiResource::erase::<Deployment>(&()),
+        ],
+    )
+    .await?;
+    out.extend(instance_pods(client, ns, name).await?);
     Ok(out)
 }
 

@@ -14,6 +14,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use kuwa_e2e::host::{KuwaHost, apply_json, plugin, yaml_file};
+use kuwa_e2e::objects::{condition, controlled_by, instance_pods, owned_by};
 use kuwa_e2e::{E2E_LABEL, TestNamespace, client, wait_for};
 use serde_json::{Value, json};
 
@@ -51,21 +52,6 @@ fn mltask(name: &str, parallelism: i64, gpus_per_worker: i64) -> Value {
             "gpusPerWorker": gpus_per_worker,
         },
     })
-}
-
-fn condition(object: &DynamicObject, type_: &str) -> Option<Value> {
-    object.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
-}
-
-fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.uid == uid && o.controller == Some(true))
 }
 
 /// The worker Pods of task `name` (not being deleted).
@@ -331,42 +317,25 @@ async fn too_many_gpus_per_worker_is_unschedulable() -> Result<()> {
     Ok(())
 }
 
-/// The StatefulSets and Services controlled by `uid` and the worker Pods of
-/// task `name`, as `Kind/name`.
+/// What of the parent `uid` (named `name`) is still there: its controlled
+/// children, and the Pods labelled as its instance.
 async fn remaining_children(
     client: &Client,
     ns: &str,
     uid: &str,
     name: &str,
 ) -> Result<Vec<String>> {
-    let lp = ListParams::default();
-    let mut out = Vec::new();
-    for o in Api::<StatefulSet>::namespaced(client.clone(), ns)
-        .list(&lp)
-        .await?
-        .items
-    {
-        if owned_by(&o.metadata, uid) {
-            out.push(format!("StatefulSet/{}", o.name_any()));
-        }
-    }
-    for o in Api::<Service>::namespaced(client.clone(), ns)
-        .list(&lp)
-        .await?
-        .items
-    {
-        if owned_by(&o.metadata, uid) {
-            out.push(format!("Service/{}", o.name_any()));
-        }
-    }
-    let instance = ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"));
-    for o in Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&instance)
-        .await?
-        .items
-    {
-        out.push(format!("Pod/{}", o.name_any()));
-    }
+    let mut out = controlled_by(
+        client,
+        ns,
+        uid,
+        &[
+            ApiResource::erase::<StatefulSet>(&()),
+            ApiResource::erase::<Service>(&()),
+        ],
+    )
+    .await?;
+    out.extend(instance_pods(client, ns, name).await?);
     Ok(out)
 }
 

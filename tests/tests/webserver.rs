@@ -12,6 +12,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use kuwa_e2e::host::{KuwaHost, apply_json, plugin, test_plugin, yaml_file};
+use kuwa_e2e::objects::{condition, controlled_by, owned_by};
 use kuwa_e2e::{TestNamespace, client, wait_for};
 use serde_json::{Value, json};
 
@@ -41,14 +42,6 @@ fn webserver(name: &str, content: &str, replicas: i64) -> Value {
         "metadata": {"name": name},
         "spec": {"content": content, "replicas": replicas, "software": {"name": "nginx", "version": "1.27"}},
     })
-}
-
-fn condition(object: &DynamicObject, type_: &str) -> Option<Value> {
-    object.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
 }
 
 /// Waits until the WebServer reports `ready` ready replicas, `Available=True`
@@ -88,13 +81,6 @@ async fn running_pods(client: &Client, ns: &str, instance: &str) -> Result<Vec<P
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .collect())
-}
-
-fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.uid == uid && o.controller == Some(true))
 }
 
 async fn warning_events(client: &Client, ns: &str, name: &str, reason: &str) -> Result<usize> {
@@ -265,41 +251,22 @@ async fn children_are_recreated_and_garbage_collected() -> Result<()> {
     webservers(&client, &ns.name)
         .delete("site", &DeleteParams::default())
         .await?;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let kinds = [
+        ApiResource::erase::<ConfigMap>(&()),
+        ApiResource::erase::<Service>(&()),
+        ApiResource::erase::<Deployment>(&()),
+    ];
     wait_for(
         "every child of the deleted WebServer to be gone",
         GARBAGE_COLLECT,
         || {
-            let (cms, services, deployments, uid) = (
-                cms.clone(),
-                services.clone(),
-                deployments.clone(),
-                uid.clone(),
-            );
+            let (client, ns, uid, kinds) =
+                (client.clone(), ns.name.clone(), uid.clone(), kinds.clone());
             async move {
-                let lp = ListParams::default();
-                let left = cms
-                    .list(&lp)
+                Ok(controlled_by(&client, &ns, &uid, &kinds)
                     .await?
-                    .items
-                    .iter()
-                    .filter(|o| owned_by(&o.metadata, &uid))
-                    .count()
-                    + services
-                        .list(&lp)
-                        .await?
-                        .items
-                        .iter()
-                        .filter(|o| owned_by(&o.metadata, &uid))
-                        .count()
-                    + deployments
-                        .list(&lp)
-                        .await?
-                        .items
-                        .iter()
-                        .filter(|o| owned_by(&o.metadata, &uid))
-                        .count();
-                Ok((left == 0).then_some(()))
+                    .is_empty()
+                    .then_some(()))
             }
         },
     )

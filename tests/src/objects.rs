@@ -1,0 +1,55 @@
+//! Reading objects in end-to-end assertions.
+
+use anyhow::Result;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, ObjectMeta};
+use kube::{Client, ResourceExt};
+use serde_json::Value;
+
+/// The status condition `type_` of a custom resource, if it has one.
+pub fn condition(object: &DynamicObject, type_: &str) -> Option<Value> {
+    object.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+}
+
+/// Whether `meta` has a controller owner reference to `uid`.
+pub fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.controller == Some(true))
+}
+
+/// `Kind/name` of every object of `kinds` in `ns` controlled by `uid`.
+pub async fn controlled_by(
+    client: &Client,
+    ns: &str,
+    uid: &str,
+    kinds: &[ApiResource],
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for kind in kinds {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, kind);
+        for o in api.list(&ListParams::default()).await?.items {
+            if owned_by(&o.metadata, uid) {
+                out.push(format!("{}/{}", kind.kind, o.name_any()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `Pod/name` of every Pod in `ns` labelled `app.kubernetes.io/instance=<instance>`.
+pub async fn instance_pods(client: &Client, ns: &str, instance: &str) -> Result<Vec<String>> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/instance={instance}"));
+    Ok(pods
+        .list(&lp)
+        .await?
+        .items
+        .iter()
+        .map(|p| format!("Pod/{}", p.name_any()))
+        .collect())
+}
