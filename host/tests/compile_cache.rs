@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use kuwa_host::loader::load_file;
-use kuwa_host::runtime::{CacheOutcome, Limits, Runtime};
+use kuwa_host::runtime::{CacheOutcome, Limits, LoadedPlugin, Runtime};
 
 fn webserver() -> PathBuf {
     let dir = std::env::var_os("KUWA_PLUGINS_DIR").map_or_else(
@@ -32,6 +32,12 @@ fn cache_entries(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Loads `path` in a new runtime (as a new host process would) using the
+/// compile cache in `cache`.
+fn load_in_fresh_process(cache: &Path, path: &Path) -> LoadedPlugin {
+    load_file(&Runtime::new(Some(cache)).unwrap(), path, Limits::default()).unwrap()
+}
+
 #[test]
 fn components_are_compiled_once_and_reused_from_disk() {
     let cache = tempfile::tempdir().unwrap();
@@ -53,12 +59,7 @@ fn components_are_compiled_once_and_reused_from_disk() {
             .to_string_lossy()
             .ends_with(&format!("{}.cwasm", first.sha256))
     );
-    let warm = load_file(
-        &Runtime::new(Some(cache.path())).unwrap(),
-        &path,
-        Limits::default(),
-    )
-    .unwrap();
+    let warm = load_in_fresh_process(cache.path(), &path);
     assert_eq!(warm.cache, CacheOutcome::Disk);
     assert_eq!(warm.info.name, first.info.name);
 }
@@ -67,32 +68,17 @@ fn components_are_compiled_once_and_reused_from_disk() {
 fn a_damaged_cache_entry_is_recompiled() {
     let cache = tempfile::tempdir().unwrap();
     let path = webserver();
-    load_file(
-        &Runtime::new(Some(cache.path())).unwrap(),
-        &path,
-        Limits::default(),
-    )
-    .unwrap();
+    load_in_fresh_process(cache.path(), &path);
     let entry = cache_entries(cache.path()).pop().unwrap();
     std::fs::write(&entry, b"not a compiled component").unwrap();
 
-    let reloaded = load_file(
-        &Runtime::new(Some(cache.path())).unwrap(),
-        &path,
-        Limits::default(),
-    )
-    .unwrap();
+    let reloaded = load_in_fresh_process(cache.path(), &path);
     assert_eq!(
         reloaded.cache,
         CacheOutcome::Compiled,
         "a bad entry must not be trusted"
     );
     // ...and the entry was rewritten with a good artifact.
-    let warm = load_file(
-        &Runtime::new(Some(cache.path())).unwrap(),
-        &path,
-        Limits::default(),
-    )
-    .unwrap();
+    let warm = load_in_fresh_process(cache.path(), &path);
     assert_eq!(warm.cache, CacheOutcome::Disk);
 }
