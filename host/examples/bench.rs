@@ -11,8 +11,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kuwa_host::loader::load_file;
-use kuwa_host::runtime::{Limits, Runtime, wit};
+use kuwa_host::plugin::loader::load_file;
+use kuwa_host::plugin::runtime::{Runtime, wit};
+use kuwa_host::tenant::limits::Limits;
 use kuwa_plugin_webserver::WebServerPlugin;
 use kuwa_sdk::testing::Fixture;
 
@@ -36,6 +37,9 @@ fn us(d: Duration) -> String {
 }
 
 fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let dir = std::env::args()
         .nth(1)
         .map_or_else(|| PathBuf::from("target/plugins"), PathBuf::from);
@@ -53,22 +57,22 @@ fn main() -> anyhow::Result<()> {
             .map(|_| {
                 let runtime = Runtime::new(None).map_err(|e| anyhow::anyhow!("{e:#}"))?;
                 let started = Instant::now();
-                load_file(&runtime, &path, Limits::default())?;
+                rt.block_on(load_file(&runtime, &path, Limits::default()))?;
                 Ok(started.elapsed())
             })
             .collect::<anyhow::Result<_>>()?;
         // Fill the cache once, then load in fresh runtimes (no in-memory reuse).
-        load_file(
+        rt.block_on(load_file(
             &Runtime::new(Some(cache.path())).map_err(|e| anyhow::anyhow!("{e:#}"))?,
             &path,
             Limits::default(),
-        )?;
+        ))?;
         let warm: Vec<Duration> = (0..WARM)
             .map(|_| {
                 let runtime =
                     Runtime::new(Some(cache.path())).map_err(|e| anyhow::anyhow!("{e:#}"))?;
                 let started = Instant::now();
-                let p = load_file(&runtime, &path, Limits::default())?;
+                let p = rt.block_on(load_file(&runtime, &path, Limits::default()))?;
                 assert_eq!(p.cache.label(), "hit");
                 Ok(started.elapsed())
             })
@@ -89,8 +93,12 @@ fn main() -> anyhow::Result<()> {
 
     const CALLS: usize = 1000;
     let runtime = Runtime::new(Some(cache.path())).map_err(|e| anyhow::anyhow!("{e:#}"))?;
-    let plugin = load_file(&runtime, &dir.join("webserver.wasm"), Limits::default())?;
-    let mut parent: serde_json::Value = serde_yaml::from_str(SAMPLE)?;
+    let plugin = rt.block_on(load_file(
+        &runtime,
+        &dir.join("webserver.wasm"),
+        Limits::default(),
+    ))?;
+    let mut parent: serde_json::Value = serde_saphyr::from_str(SAMPLE)?;
     parent["metadata"]["namespace"] = "default".into();
     parent["metadata"]["uid"] = "u".into();
     parent["metadata"]["generation"] = 1.into();
@@ -106,7 +114,10 @@ fn main() -> anyhow::Result<()> {
     let wasm: Vec<Duration> = (0..CALLS)
         .map(|_| {
             let started = Instant::now();
-            let out = plugin.reconcile(&input).expect("call").expect("reconcile");
+            let out = rt
+                .block_on(plugin.reconcile(&input))
+                .expect("call")
+                .expect("reconcile");
             std::hint::black_box(out);
             started.elapsed()
         })

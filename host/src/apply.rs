@@ -1,204 +1,86 @@
-//! The apply stage: compare what a plugin wants with what the cache holds and
-//! write only the difference (DESIGN §2). Steady state costs zero writes.
+//! The apply stage: one [`PluginWriter`] per active plugin makes every API
+//! write the host does for that plugin (DESIGN §2, §4).
 //!
-//! A child is written when it is missing, when the plugin's desired object
-//! changed since the host last applied it (tracked by a hash annotation, which
-//! also catches fields the plugin stopped setting), or when someone else
-//! changed a field the plugin sets (drift: the desired object is no longer a
-//! subset of the cached one). Every write is a server-side apply with the
-//! plugin's field manager, forced, so the plugin owns exactly what it returns.
+//! The writer is the only way to write, so the rules it enforces cannot be
+//! forgotten at a call site: each write takes a token of the plugin's
+//! budget, is counted in `kuwa_api_writes_total{plugin,verb,kind}`, goes out
+//! under a field manager of the host's (`kuwa/<plugin>[/<part>]`, never one
+//! the plugin picks), and is checked against the plugin's grant (its parent
+//! kind, its child kinds, its namespaces, whether it may install a CRD).
+//! What to write is decided by the pure [`crate::plan`] step; the writer
+//! only carries it out.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions,
     PropagationPolicy,
 };
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
-use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
+use serde_json::{Value, json};
 
+use crate::cache::PLUGIN_LABEL;
+use crate::gvk::Gvk;
 use crate::metrics::Metrics;
-use crate::plugin::{Gvk, PluginInfo};
+use crate::plan::{PLUGIN_VERSION_ANNOTATION, Plan, Write, owner_reference};
+use crate::plugin::info::{FieldManager, PluginInfo};
+use crate::plugin::runtime::LoadedPlugin;
+use crate::tenant::budget::TokenBucket;
+use crate::validate::EventOut;
 
-/// Annotation on each child: hash of the object the plugin last asked for.
-pub const DESIRED_HASH_ANNOTATION: &str = "kuwa.dev/desired-hash";
+/// Why a write was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The write is outside the plugin's grant. The plan step should never
+    /// produce one; this is the last line of defence.
+    #[error("refused by the plugin's grant: {0}")]
+    Denied(String),
+    /// The API server refused it or could not be reached. Retryable.
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+}
 
-/// Annotation on each parent: `<plugin>@<version>` that last reconciled it.
-pub const PLUGIN_VERSION_ANNOTATION: &str = "kuwa.dev/plugin-version";
+/// The API client and event recorder every plugin writer shares.
+pub struct ApiWriter {
+    client: Client,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+}
 
-/// Label on each child: the plugin that manages it.
-pub const PLUGIN_LABEL: &str = "kuwa.dev/plugin";
-
-/// True when every field set in `desired` has the same value in `actual`.
-/// Objects may have extra keys in `actual` (defaults, status, fields of other
-/// managers); lists must have the same length with each element a subset.
-pub fn is_subset(desired: &Value, actual: &Value) -> bool {
-    match (desired, actual) {
-        (Value::Object(d), Value::Object(a)) => d.iter().all(|(k, dv)| match a.get(k) {
-            Some(av) => is_subset(dv, av),
-            None => dv.is_null(),
-        }),
-        (Value::Array(d), Value::Array(a)) => {
-            d.len() == a.len() && d.iter().zip(a).all(|(dv, av)| is_subset(dv, av))
+impl ApiWriter {
+    /// A writer reporting events as `kuwa`.
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: "kuwa".into(),
+            instance: std::env::var("HOSTNAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
         }
-        (Value::Number(d), Value::Number(a)) => d == a || d.as_f64() == a.as_f64(),
-        _ => desired == actual,
     }
 }
 
-fn canonical(value: &Value) -> Value {
-    match value {
-        Value::Object(map) => {
-            let mut keys: Vec<_> = map.keys().collect();
-            keys.sort();
-            let mut out = Map::new();
-            for k in keys {
-                out.insert(k.clone(), canonical(&map[k]));
-            }
-            Value::Object(out)
-        }
-        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
-        other => other.clone(),
-    }
-}
-
-/// A stable hash of a JSON value, independent of key order.
-pub fn hash_value(value: &Value) -> String {
-    let text = canonical(value).to_string();
-    hex::encode(&Sha256::digest(text.as_bytes())[..12])
-}
-
-/// The owner reference the host sets on every child of `parent`.
-pub fn owner_reference(parent_gvk: &Gvk, parent: &DynamicObject) -> Value {
-    json!({
-        "apiVersion": parent_gvk.api_version(),
-        "kind": parent_gvk.kind,
-        "name": parent.name_any(),
-        "uid": parent.uid().unwrap_or_default(),
-        "controller": true,
-        "blockOwnerDeletion": true,
-    })
-}
-
-/// Turns a validated child into the object the host applies: the parent's
-/// namespace, the owner reference, the plugin label and the desired hash.
-pub fn prepare_child(
-    mut object: Value,
-    namespace: Option<&str>,
-    owner: &Value,
-    plugin: &PluginInfo,
-) -> Value {
-    let meta = object
-        .as_object_mut()
-        .expect("validated children are objects")
-        .entry("metadata")
-        .or_insert_with(|| json!({}));
-    if let Some(ns) = namespace {
-        meta["namespace"] = json!(ns);
-    }
-    meta["ownerReferences"] = json!([owner]);
-    if !meta["labels"].is_object() {
-        meta["labels"] = json!({});
-    }
-    meta["labels"][PLUGIN_LABEL] = json!(&*plugin.name);
-    if let Some(annotations) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
-        annotations.remove(DESIRED_HASH_ANNOTATION);
-    }
-    let hash = hash_value(&object);
-    let meta = &mut object["metadata"];
-    if !meta["annotations"].is_object() {
-        meta["annotations"] = json!({});
-    }
-    meta["annotations"][DESIRED_HASH_ANNOTATION] = json!(hash);
-    object
-}
-
-/// The cached object as JSON, with its `apiVersion` and `kind`.
-pub fn object_json(object: &DynamicObject) -> Value {
-    serde_json::to_value(object).unwrap_or(Value::Null)
-}
-
-/// Whether `desired` (from [`prepare_child`]) must be applied over `cached`.
-pub fn needs_apply(desired: &Value, cached: Option<&DynamicObject>) -> bool {
-    let Some(cached) = cached else { return true };
-    let want = desired["metadata"]["annotations"][DESIRED_HASH_ANNOTATION].as_str();
-    let have = cached
-        .annotations()
-        .get(DESIRED_HASH_ANNOTATION)
-        .map(String::as_str);
-    if want != have {
-        return true;
-    }
-    let mut cached = object_json(cached);
-    // A relisted object may come without its type; compare what matters.
-    let mut desired = desired.clone();
-    for key in ["apiVersion", "kind"] {
-        desired.as_object_mut().map(|o| o.remove(key));
-        cached.as_object_mut().map(|o| o.remove(key));
-    }
-    !is_subset(&desired, &cached)
-}
-
-/// Sets condition `type_` in a status's `conditions`, keeping its
-/// `lastTransitionTime` when its status does not flip.
-pub fn upsert_condition(
-    status: &mut Value,
-    type_: &str,
-    value: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: &str,
-) {
-    if !status.is_object() {
-        *status = json!({});
-    }
-    if !status["conditions"].is_array() {
-        status["conditions"] = json!([]);
-    }
-    let text = if value { "True" } else { "False" };
-    let conditions = status["conditions"]
-        .as_array_mut()
-        .expect("just made an array");
-    let previous = conditions.iter().position(|c| c["type"] == type_);
-    let since = previous
-        .and_then(|i| {
-            (conditions[i]["status"] == text).then(|| conditions[i]["lastTransitionTime"].clone())
-        })
-        .filter(|t| t.is_string())
-        .unwrap_or_else(|| json!(now));
-    let mut condition = json!({
-        "type": type_,
-        "status": text,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since,
-    });
-    if let Some(g) = generation {
-        condition["observedGeneration"] = json!(g);
-    }
-    match previous {
-        Some(i) => conditions[i] = condition,
-        None => conditions.push(condition),
-    }
-    if let Some(g) = generation {
-        status["observedGeneration"] = json!(g);
-    }
+/// A kind the writer may touch and how to reach it.
+#[derive(Debug, Clone)]
+pub struct ChildResource {
+    /// The API resource.
+    pub resource: ApiResource,
+    /// Whether it is namespaced.
+    pub namespaced: bool,
 }
 
 /// Where a write goes.
-pub struct Target<'a> {
-    /// The kind's API resource.
-    pub resource: &'a ApiResource,
-    /// Its kind, for metrics.
-    pub gvk: &'a Gvk,
-    /// Namespace (None for cluster-scoped kinds).
-    pub namespace: Option<&'a str>,
-    /// Object name.
-    pub name: &'a str,
+struct Target<'a> {
+    resource: &'a ApiResource,
+    gvk: &'a Gvk,
+    namespace: Option<&'a str>,
+    name: &'a str,
 }
 
 impl Target<'_> {
@@ -220,54 +102,212 @@ impl Target<'_> {
     }
 }
 
-/// Makes every API write of the host and counts it.
-pub struct Writer {
-    client: Client,
-    metrics: Arc<Metrics>,
-    recorder: Recorder,
+/// Makes every API write of one plugin.
+pub struct PluginWriter {
+    api: Arc<ApiWriter>,
+    plugin: Arc<LoadedPlugin>,
+    budget: TokenBucket,
+    parent: ApiResource,
+    children: HashMap<Gvk, ChildResource>,
 }
 
-impl Writer {
-    /// A writer reporting events as `kuwa`.
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter {
-            controller: "kuwa".into(),
-            instance: std::env::var("HOSTNAME").ok(),
-        };
+impl PluginWriter {
+    /// The writer of `plugin`, for its parent kind at `parent` and its child
+    /// kinds at `children`.
+    pub fn new(
+        api: Arc<ApiWriter>,
+        plugin: Arc<LoadedPlugin>,
+        parent: ApiResource,
+        children: HashMap<Gvk, ChildResource>,
+    ) -> Self {
+        let grant = &plugin.grant;
+        let budget = TokenBucket::new(grant.writes_per_second, grant.write_burst);
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
+            api,
+            plugin,
+            budget,
+            parent,
+            children,
         }
     }
 
-    /// Server-side applies `body` as the plugin, forcing ownership.
-    pub async fn apply(
+    fn info(&self) -> &PluginInfo {
+        &self.plugin.info
+    }
+
+    /// Takes a budget token and counts the write.
+    async fn permit(&self, verb: &'static str, gvk: &Gvk) {
+        let name = &*self.info().name;
+        if self.budget.take().await {
+            self.api.metrics.write_budget_wait(name);
+        }
+        self.api.metrics.api_write(name, verb, &gvk.to_string());
+    }
+
+    fn params(&self, part: FieldManager) -> PatchParams {
+        PatchParams::apply(&self.info().field_manager(part)).force()
+    }
+
+    /// Checks that a write to `parent` is this plugin's to make.
+    fn check_parent(&self, parent: &DynamicObject) -> Result<(), WriteError> {
+        let info = self.info();
+        let kind = parent.types.as_ref().map(|t| t.kind.as_str());
+        if kind.is_some_and(|k| k != info.parent.kind) {
+            return Err(WriteError::Denied(format!(
+                "{} is not the plugin's parent kind {}",
+                kind.unwrap_or_default(),
+                info.parent
+            )));
+        }
+        if !self
+            .plugin
+            .grant
+            .allows_namespace(parent.namespace().as_deref())
+        {
+            return Err(WriteError::Denied(format!(
+                "namespace {:?} is not granted",
+                parent.namespace()
+            )));
+        }
+        Ok(())
+    }
+
+    fn parent_target<'a>(&'a self, parent: &'a DynamicObject) -> Target<'a> {
+        Target {
+            resource: &self.parent,
+            gvk: &self.info().parent,
+            namespace: parent.metadata.namespace.as_deref(),
+            name: parent.metadata.name.as_deref().unwrap_or_default(),
+        }
+    }
+
+    fn child(&self, gvk: &Gvk) -> Result<&ChildResource, WriteError> {
+        if !self.info().owns(gvk) || !self.plugin.grant.allows_kind(gvk) {
+            return Err(WriteError::Denied(format!(
+                "{gvk} is not a granted child kind"
+            )));
+        }
+        self.children
+            .get(gvk)
+            .ok_or_else(|| WriteError::Denied(format!("{gvk} is not watched as a child kind")))
+    }
+
+    /// Reads a child by name straight from the API server (not the cache):
+    /// a child the caches do not hold (not labelled for any plugin) may
+    /// still exist, and must not be adopted.
+    pub async fn get_child(
         &self,
-        plugin: &PluginInfo,
-        target: &Target<'_>,
+        gvk: &Gvk,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<DynamicObject>, WriteError> {
+        let r = self.child(gvk)?;
+        let t = Target {
+            resource: &r.resource,
+            gvk,
+            namespace,
+            name,
+        };
+        Ok(t.api(&self.api.client).get_opt(name).await?)
+    }
+
+    /// Carries out `plan` for `parent`, in order. Stops at the first error.
+    pub async fn execute(&self, parent: &DynamicObject, plan: &Plan) -> Result<(), WriteError> {
+        for write in &plan.writes {
+            self.write(parent, write).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes one write of a plan.
+    pub async fn write(&self, parent: &DynamicObject, write: &Write) -> Result<(), WriteError> {
+        self.check_parent(parent)?;
+        match write {
+            Write::Finalizer(present) => self.set_finalizer(parent, *present).await,
+            Write::Apply {
+                gvk,
+                namespace,
+                name,
+                body,
+                ..
+            } => {
+                self.apply_child(parent, gvk, namespace.as_deref(), name, body)
+                    .await
+            }
+            Write::Delete {
+                gvk,
+                namespace,
+                name,
+                uid,
+            } => {
+                self.delete_child(parent, gvk, namespace.as_deref(), name, uid)
+                    .await
+            }
+            Write::Status(status) => self.apply_status(parent, status).await,
+            Write::Event(e) => {
+                self.event(parent, e).await;
+                Ok(())
+            }
+            Write::Version(v) => self.set_version(parent, v).await,
+        }
+    }
+
+    async fn apply_child(
+        &self,
+        parent: &DynamicObject,
+        gvk: &Gvk,
+        namespace: Option<&str>,
+        name: &str,
         body: &Value,
-    ) -> Result<(), kube::Error> {
-        self.metrics
-            .api_write(&plugin.name, "apply", &target.gvk.to_string());
-        let params = PatchParams::apply(plugin.field_manager()).force();
-        target
-            .api(&self.client)
-            .patch(target.name, &params, &Patch::Apply(body))
+    ) -> Result<(), WriteError> {
+        let r = self.child(gvk)?;
+        if namespace != parent.namespace().as_deref() && (r.namespaced || namespace.is_some()) {
+            return Err(WriteError::Denied(format!(
+                "{gvk} {name:?} is not in the parent's namespace"
+            )));
+        }
+        let meta = &body["metadata"];
+        if meta["labels"][PLUGIN_LABEL].as_str() != Some(&*self.info().name)
+            || meta["ownerReferences"] != json!([owner_reference(&self.info().parent, parent)])
+        {
+            return Err(WriteError::Denied(format!(
+                "{gvk} {name:?} lacks the host's label or owner reference"
+            )));
+        }
+        self.permit("apply", gvk).await;
+        let t = Target {
+            resource: &r.resource,
+            gvk,
+            namespace,
+            name,
+        };
+        t.api(&self.api.client)
+            .patch(
+                name,
+                &self.params(FieldManager::Children),
+                &Patch::Apply(body),
+            )
             .await?;
         Ok(())
     }
 
     /// Deletes a child the plugin no longer wants (only the exact object
     /// observed: a uid precondition protects a recreated namesake).
-    pub async fn delete(
+    async fn delete_child(
         &self,
-        plugin: &PluginInfo,
-        target: &Target<'_>,
+        parent: &DynamicObject,
+        gvk: &Gvk,
+        namespace: Option<&str>,
+        name: &str,
         uid: &str,
-    ) -> Result<(), kube::Error> {
-        self.metrics
-            .api_write(&plugin.name, "delete", &target.gvk.to_string());
+    ) -> Result<(), WriteError> {
+        let r = self.child(gvk)?;
+        if namespace != parent.namespace().as_deref() {
+            return Err(WriteError::Denied(format!(
+                "{gvk} {name:?} is not in the parent's namespace"
+            )));
+        }
+        self.permit("delete", gvk).await;
         let params = DeleteParams {
             preconditions: Some(Preconditions {
                 uid: Some(uid.to_owned()),
@@ -276,260 +316,277 @@ impl Writer {
             propagation_policy: Some(PropagationPolicy::Background),
             ..DeleteParams::default()
         };
-        match target.api(&self.client).delete(target.name, &params).await {
+        let t = Target {
+            resource: &r.resource,
+            gvk,
+            namespace,
+            name,
+        };
+        match t.api(&self.api.client).delete(name, &params).await {
             Ok(_) => Ok(()),
             // Already gone, or replaced by a namesake we must not touch.
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
-    /// Server-side applies the parent's `status` subresource.
-    pub async fn apply_status(
-        &self,
-        plugin: &PluginInfo,
-        target: &Target<'_>,
-        status: &Value,
-    ) -> Result<(), kube::Error> {
-        self.metrics
-            .api_write(&plugin.name, "status", &target.gvk.to_string());
-        let mut body = target.apply_body(json!({}));
+    async fn apply_status(&self, parent: &DynamicObject, status: &Value) -> Result<(), WriteError> {
+        let t = self.parent_target(parent);
+        self.permit("status", t.gvk).await;
+        let mut body = t.apply_body(json!({}));
         body["status"] = status.clone();
-        let params = PatchParams::apply(plugin.field_manager()).force();
-        target
-            .api(&self.client)
-            .patch_status(target.name, &params, &Patch::Apply(&body))
+        t.api(&self.api.client)
+            .patch_status(
+                t.name,
+                &self.params(FieldManager::Status),
+                &Patch::Apply(&body),
+            )
             .await?;
         Ok(())
     }
 
     /// Records on a parent which plugin version reconciled it, as the
-    /// annotation [`PLUGIN_VERSION_ANNOTATION`] (its own field manager, so
-    /// it never disturbs the plugin's fields).
-    pub async fn set_version_annotation(
-        &self,
-        plugin: &PluginInfo,
-        target: &Target<'_>,
-        value: &str,
-    ) -> Result<(), kube::Error> {
-        self.metrics
-            .api_write(&plugin.name, "annotate", &target.gvk.to_string());
-        let body = target.apply_body(json!({"annotations": {PLUGIN_VERSION_ANNOTATION: value}}));
-        let params = PatchParams::apply(&format!("{}-version", plugin.field_manager())).force();
-        target
-            .api(&self.client)
-            .patch(target.name, &params, &Patch::Apply(&body))
+    /// annotation [`PLUGIN_VERSION_ANNOTATION`].
+    async fn set_version(&self, parent: &DynamicObject, value: &str) -> Result<(), WriteError> {
+        let t = self.parent_target(parent);
+        self.permit("annotate", t.gvk).await;
+        let body = t.apply_body(json!({"annotations": {PLUGIN_VERSION_ANNOTATION: value}}));
+        t.api(&self.api.client)
+            .patch(
+                t.name,
+                &self.params(FieldManager::Version),
+                &Patch::Apply(&body),
+            )
             .await?;
         Ok(())
     }
 
     /// Adds or removes the host's finalizer on a parent. A field manager of
-    /// its own means applying an empty list removes only our entry.
+    /// its own means applying an empty list removes only the host's entry.
     pub async fn set_finalizer(
         &self,
-        plugin: &PluginInfo,
-        target: &Target<'_>,
+        parent: &DynamicObject,
         present: bool,
-    ) -> Result<(), kube::Error> {
-        self.metrics
-            .api_write(&plugin.name, "finalizer", &target.gvk.to_string());
+    ) -> Result<(), WriteError> {
+        self.check_parent(parent)?;
+        let t = self.parent_target(parent);
+        self.permit("finalizer", t.gvk).await;
         let finalizers: Vec<String> = if present {
-            vec![plugin.finalizer_name()]
+            vec![self.info().finalizer_name()]
         } else {
             Vec::new()
         };
-        let body = target.apply_body(json!({"finalizers": finalizers}));
-        let params = PatchParams::apply(&format!("{}-finalizer", plugin.field_manager())).force();
-        match target
-            .api(&self.client)
-            .patch(target.name, &params, &Patch::Apply(&body))
+        let body = t.apply_body(json!({"finalizers": finalizers}));
+        match t
+            .api(&self.api.client)
+            .patch(
+                t.name,
+                &self.params(FieldManager::Finalizer),
+                &Patch::Apply(&body),
+            )
             .await
         {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 && !present => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// Records an event on `parent`. Failures are logged, never fatal.
-    pub async fn event(
-        &self,
-        plugin: &str,
-        parent: &DynamicObject,
-        resource: &ApiResource,
-        warning: bool,
-        reason: &str,
-        message: &str,
-    ) {
-        self.metrics
-            .api_write(plugin, "event", "events.k8s.io/v1/Event");
-        let reference: ObjectReference = parent.object_ref(resource);
-        let mut note = message.to_owned();
-        if note.len() > 1000 {
-            let mut cut = 1000;
-            while !note.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            note.truncate(cut);
-        }
+    pub async fn event(&self, parent: &DynamicObject, e: &EventOut) {
+        let events = Gvk::new("events.k8s.io", "v1", "Event");
+        self.permit("event", &events).await;
+        let reference: ObjectReference = parent.object_ref(&self.parent);
         let event = Event {
-            type_: if warning {
+            type_: if e.warning {
                 EventType::Warning
             } else {
                 EventType::Normal
             },
-            reason: reason.to_owned(),
-            note: Some(note),
+            reason: e.reason.clone(),
+            note: Some(e.message.clone()),
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
-            tracing::warn!(plugin, reason, error = %e, "could not record event");
+        if let Err(err) = self.api.recorder.publish(&event, &reference).await {
+            tracing::warn!(plugin = %self.info().name, reason = %e.reason, error = %err, "could not record event");
+        }
+    }
+}
+
+/// Why a plugin's CRD was not installed.
+#[derive(Debug, thiserror::Error)]
+pub enum CrdError {
+    /// The grant does not allow the plugin to install its CRD.
+    #[error("the plugin's grant does not allow it to install its CRD (installCrd: true)")]
+    NotGranted,
+    /// The carried CRD does not parse as a CustomResourceDefinition.
+    #[error("the carried CRD is malformed: {0}")]
+    Malformed(serde_json::Error),
+    /// The CRD is not exactly the plugin's parent kind.
+    #[error("the carried CRD {found} does not define only the plugin's parent kind {parent}")]
+    WrongKind {
+        /// What the CRD defines.
+        found: String,
+        /// The plugin's parent kind.
+        parent: Gvk,
+    },
+    /// The CRD asks for a conversion webhook: the API server would call out
+    /// to an address the plugin chose.
+    #[error("the carried CRD uses conversion strategy {0:?}; only None is allowed")]
+    Conversion(String),
+    /// The API server refused it.
+    #[error("applying CRD {name}: {source}")]
+    Apply {
+        /// CRD name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// It did not become Established in time.
+    #[error("CRD {0} was not Established within {1:?}")]
+    NotEstablished(String, std::time::Duration),
+}
+
+/// Checks that `crd` is one the plugin may install: exactly its parent kind
+/// (group, kind, a served version, named `<plural>.<group>`), no conversion
+/// webhook.
+pub fn check_crd(info: &PluginInfo, crd: &Value) -> Result<CustomResourceDefinition, CrdError> {
+    let parsed: CustomResourceDefinition =
+        serde_json::from_value(crd.clone()).map_err(CrdError::Malformed)?;
+    let spec = &parsed.spec;
+    let name = parsed.metadata.name.clone().unwrap_or_default();
+    let found = format!("{name} ({}/{})", spec.group, spec.names.kind);
+    if spec.group != info.parent.group
+        || spec.names.kind != info.parent.kind
+        || name != format!("{}.{}", spec.names.plural, spec.group)
+        || !spec.versions.iter().any(|v| v.name == info.parent.version)
+    {
+        return Err(CrdError::WrongKind {
+            found,
+            parent: info.parent.clone(),
+        });
+    }
+    if let Some(conversion) = &spec.conversion
+        && conversion.strategy != "None"
+    {
+        return Err(CrdError::Conversion(conversion.strategy.clone()));
+    }
+    Ok(parsed)
+}
+
+/// How long installing a CRD waits for it to be Established.
+pub const CRD_ESTABLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl ApiWriter {
+    /// Installs the CRD `plugin` carries, if its grant allows it (field
+    /// manager `kuwa/<plugin>/crd`, counted and budgeted like every write),
+    /// and waits until it is Established. Returns the CRD's name.
+    pub async fn install_crd(
+        &self,
+        plugin: &LoadedPlugin,
+        budget: &TokenBucket,
+    ) -> Result<Option<String>, CrdError> {
+        let info = &plugin.info;
+        let Some(crd) = &info.crd else {
+            return Ok(None);
+        };
+        if !plugin.grant.install_crd {
+            return Err(CrdError::NotGranted);
+        }
+        let parsed = check_crd(info, crd)?;
+        let name = parsed.metadata.name.clone().unwrap_or_default();
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        if budget.take().await {
+            self.metrics.write_budget_wait(&info.name);
+        }
+        self.metrics.api_write(
+            &info.name,
+            "crd",
+            "apiextensions.k8s.io/v1/CustomResourceDefinition",
+        );
+        api.patch(
+            &name,
+            &PatchParams::apply(&info.field_manager(FieldManager::Crd)).force(),
+            &Patch::Apply(&parsed),
+        )
+        .await
+        .map_err(|source| CrdError::Apply {
+            name: name.clone(),
+            source,
+        })?;
+        let deadline = tokio::time::Instant::now() + CRD_ESTABLISH_TIMEOUT;
+        loop {
+            if let Ok(current) = api.get(&name).await {
+                let established = current.status.and_then(|s| s.conditions).is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+                if established {
+                    return Ok(Some(name));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CrdError::NotEstablished(name, CRD_ESTABLISH_TIMEOUT));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use kube::api::ObjectMeta;
-
     use super::*;
-
-    #[test]
-    fn subset_ignores_server_defaults_but_not_changes() {
-        let desired = json!({"spec": {"replicas": 3, "ports": [{"port": 80}]}});
-        let actual = json!({"spec": {"replicas": 3, "ports": [{"port": 80, "protocol": "TCP"}], "x": 1}, "status": {}});
-        assert!(is_subset(&desired, &actual));
-        assert!(!is_subset(&json!({"spec": {"replicas": 4}}), &actual));
-        // A list that gained or lost an element is a change.
-        assert!(!is_subset(
-            &json!({"spec": {"ports": [{"port": 80}, {"port": 81}]}}),
-            &actual
-        ));
-        assert!(!is_subset(&json!({"spec": {"missing": "x"}}), &actual));
-        assert!(is_subset(&json!({"spec": {"missing": null}}), &actual));
-    }
-
-    #[test]
-    fn hash_ignores_key_order() {
-        let a: Value = serde_json::from_str(r#"{"a":1,"b":{"c":2,"d":3}}"#).unwrap();
-        let b: Value = serde_json::from_str(r#"{"b":{"d":3,"c":2},"a":1}"#).unwrap();
-        assert_eq!(hash_value(&a), hash_value(&b));
-        assert_ne!(hash_value(&a), hash_value(&json!({"a": 2})));
-    }
 
     fn info() -> PluginInfo {
         let mut i = PluginInfo::placeholder();
-        i.name = Arc::from("webserver");
+        i.name = Arc::from("web");
+        i.parent = Gvk::new("kuwa.dev", "v1alpha1", "WebServer");
         i
     }
 
-    fn cached_from(desired: &Value) -> DynamicObject {
-        let mut v = desired.clone();
-        v["metadata"]["uid"] = json!("u1");
-        v["metadata"]["resourceVersion"] = json!("7");
-        v["data"]["defaulted"] = json!("by the server");
-        serde_json::from_value(v).unwrap()
+    fn crd() -> Value {
+        json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": "webservers.kuwa.dev"},
+            "spec": {
+                "group": "kuwa.dev",
+                "names": {"kind": "WebServer", "plural": "webservers"},
+                "scope": "Namespaced",
+                "versions": [{"name": "v1alpha1", "served": true, "storage": true}],
+            }
+        })
     }
 
     #[test]
-    fn unchanged_children_need_no_apply() {
-        let owner = json!({"apiVersion": "kuwa.dev/v1alpha1", "kind": "WebServer", "name": "w", "uid": "p"});
-        let child = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"k": "v"}});
-        let desired = prepare_child(child.clone(), Some("ns"), &owner, &info());
-        assert_eq!(desired["metadata"]["namespace"], "ns");
-        assert_eq!(desired["metadata"]["ownerReferences"][0]["uid"], "p");
-        assert_eq!(desired["metadata"]["labels"][PLUGIN_LABEL], "webserver");
-        assert!(needs_apply(&desired, None));
-        let cached = cached_from(&desired);
+    fn a_crd_must_define_exactly_the_parent_kind_without_webhooks() {
+        assert!(check_crd(&info(), &crd()).is_ok());
+        let mut other = crd();
+        other["spec"]["names"]["kind"] = json!("Pod");
+        assert!(matches!(
+            check_crd(&info(), &other),
+            Err(CrdError::WrongKind { .. })
+        ));
+        let mut renamed = crd();
+        renamed["metadata"]["name"] = json!("pods.kuwa.dev");
+        assert!(matches!(
+            check_crd(&info(), &renamed),
+            Err(CrdError::WrongKind { .. })
+        ));
+        let mut webhook = crd();
+        webhook["spec"]["conversion"] = json!({
+            "strategy": "Webhook",
+            "webhook": {"clientConfig": {"url": "https://evil.example/convert"}, "conversionReviewVersions": ["v1"]},
+        });
+        let err = check_crd(&info(), &webhook).unwrap_err();
         assert!(
-            !needs_apply(&desired, Some(&cached)),
-            "an applied child with server defaults is unchanged"
+            matches!(err, CrdError::Conversion(ref s) if s == "Webhook"),
+            "{err}"
         );
-
-        // The plugin asks for something else: new hash.
-        let mut changed = child.clone();
-        changed["data"]["k"] = json!("v2");
-        assert!(needs_apply(
-            &prepare_child(changed, Some("ns"), &owner, &info()),
-            Some(&cached)
-        ));
-
-        // The plugin stops setting a field: new hash, so the apply removes it.
-        let mut fewer = child.clone();
-        fewer["data"] = json!({});
-        assert!(needs_apply(
-            &prepare_child(fewer, Some("ns"), &owner, &info()),
-            Some(&cached)
-        ));
-
-        // Someone edited a field the plugin owns: drift.
-        let mut drifted = cached.clone();
-        drifted.data["data"]["k"] = json!("edited");
-        assert!(needs_apply(&desired, Some(&drifted)));
-    }
-
-    #[test]
-    fn relisted_objects_without_type_meta_compare_equal() {
-        let owner = json!({"apiVersion": "kuwa.dev/v1alpha1", "kind": "WebServer", "name": "w", "uid": "p"});
-        let child = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"k": "v"}});
-        let desired = prepare_child(child, Some("ns"), &owner, &info());
-        let mut cached = cached_from(&desired);
-        cached.types = None;
-        assert!(!needs_apply(&desired, Some(&cached)));
-    }
-
-    #[test]
-    fn conditions_keep_their_transition_time() {
-        let mut status = json!({"readyReplicas": 1});
-        upsert_condition(
-            &mut status,
-            "Degraded",
-            true,
-            "InvalidSpec",
-            "bad",
-            Some(2),
-            "t1",
-        );
-        assert_eq!(status["conditions"][0]["lastTransitionTime"], "t1");
-        assert_eq!(status["observedGeneration"], 2);
-        upsert_condition(
-            &mut status,
-            "Degraded",
-            true,
-            "InvalidSpec",
-            "still bad",
-            Some(3),
-            "t2",
-        );
-        assert_eq!(status["conditions"][0]["lastTransitionTime"], "t1");
-        assert_eq!(status["conditions"][0]["message"], "still bad");
-        upsert_condition(
-            &mut status,
-            "Degraded",
-            false,
-            "AsExpected",
-            "",
-            Some(3),
-            "t3",
-        );
-        assert_eq!(status["conditions"][0]["lastTransitionTime"], "t3");
-        assert_eq!(status["conditions"].as_array().unwrap().len(), 1);
-        assert_eq!(status["readyReplicas"], 1);
-    }
-
-    #[test]
-    fn object_json_includes_metadata() {
-        let o = DynamicObject {
-            types: None,
-            metadata: ObjectMeta {
-                name: Some("x".into()),
-                ..ObjectMeta::default()
-            },
-            data: json!({"spec": {}}),
-        };
-        let v = object_json(&o);
-        assert_eq!(v["metadata"]["name"], "x");
-        assert!(v["spec"].is_object());
+        let mut none = crd();
+        none["spec"]["conversion"] = json!({"strategy": "None"});
+        assert!(check_crd(&info(), &none).is_ok());
     }
 }

@@ -1,10 +1,16 @@
-//! Shared watches and caches: one watch and one in-memory store per kind,
-//! however many plugins use it, reference-counted (DESIGN §2).
+//! Shared watches and caches: one watch and one in-memory store per kind and
+//! [`View`], however many plugins use it, reference-counted (DESIGN §2).
 //!
-//! Objects are stored without `managedFields` and the kubectl last-applied
-//! annotation, and indexed by the uid of each owner reference, so a parent's
-//! children (and their children) are found without scanning. Every change is
-//! forwarded to the event router as a [`Change`].
+//! Child kinds are watched as [`View::Children`]: only objects carrying the
+//! host's `kuwa.dev/plugin` label, so a cluster's thousands of unrelated
+//! ConfigMaps or Pods are never cached. Related kinds are watched whole
+//! ([`View::All`]), as granted. Objects are stored without the field sets of
+//! `managedFields` (only who manages them is kept) and without the kubectl
+//! last-applied annotation, and indexed by the uid of each owner reference,
+//! so a parent's children (and their children) are found without scanning.
+//! Every change is forwarded to the event router as a [`Change`], through a
+//! bounded channel: a router that falls behind slows the watches down
+//! instead of growing a backlog without limit.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,8 +24,34 @@ use kube::{Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::gvk::Gvk;
 use crate::metrics::Metrics;
-use crate::plugin::Gvk;
+
+/// Label on each child: the plugin that manages it. Child kinds are watched
+/// with a selector on it.
+pub const PLUGIN_LABEL: &str = "kuwa.dev/plugin";
+
+/// How many changes may wait for the router before watches pause.
+pub const CHANGE_BUFFER: usize = 4096;
+
+/// Which objects of a kind a cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum View {
+    /// Only objects labelled [`PLUGIN_LABEL`]: the children of some plugin.
+    Children,
+    /// Every object of the kind (in the watched namespace, if any).
+    All,
+}
+
+impl View {
+    /// `children` or `all`, for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Children => "children",
+            Self::All => "all",
+        }
+    }
+}
 
 /// The key of an object in a kind's cache.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,6 +77,8 @@ impl ObjKey {
 pub struct Change {
     /// The kind of the object.
     pub gvk: Gvk,
+    /// The view of the cache that saw it.
+    pub view: View,
     /// The object (its last known state when deleted).
     pub object: Arc<DynamicObject>,
     /// Whether it was deleted.
@@ -123,6 +157,8 @@ impl Store {
 
 /// Drops what the host never reads, to keep the cache small, and fills in
 /// `apiVersion`/`kind` (list items arrive without them; plugins need them).
+/// Of `managedFields` only manager, operation and subresource stay: the host
+/// deletes only children its own field manager applied.
 fn strip(mut object: DynamicObject, resource: &ApiResource) -> DynamicObject {
     if object.types.is_none() {
         object.types = Some(kube::api::TypeMeta {
@@ -130,7 +166,14 @@ fn strip(mut object: DynamicObject, resource: &ApiResource) -> DynamicObject {
             kind: resource.kind.clone(),
         });
     }
-    object.metadata.managed_fields = None;
+    if let Some(managed) = object.metadata.managed_fields.as_mut() {
+        for entry in managed.iter_mut() {
+            entry.fields_v1 = None;
+            entry.fields_type = None;
+            entry.time = None;
+            entry.api_version = None;
+        }
+    }
     if let Some(annotations) = object.metadata.annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
@@ -141,6 +184,8 @@ fn strip(mut object: DynamicObject, resource: &ApiResource) -> DynamicObject {
 pub struct KindCache {
     /// The kind.
     pub gvk: Gvk,
+    /// Which of its objects this cache holds.
+    pub view: View,
     /// How to reach it in the API.
     pub resource: ApiResource,
     /// Whether objects of the kind are namespaced.
@@ -215,19 +260,15 @@ impl KindCache {
         self.store.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies one watch event to the store and reports what changed.
-    fn apply_event(
-        &self,
-        event: Event<DynamicObject>,
-        changes: &mpsc::UnboundedSender<Change>,
-        metrics: &Metrics,
-    ) {
+    /// Applies one watch event to the store and returns what changed.
+    fn apply_event(&self, event: Event<DynamicObject>, metrics: &Metrics) -> Vec<Change> {
         let kind = self.gvk.to_string();
-        let send =
+        let mut out = Vec::new();
+        let mut send =
             |object: Arc<DynamicObject>, deleted: bool, previous: Option<Arc<DynamicObject>>| {
-                // The router outlives the caches; a closed channel means shutdown.
-                let _ = changes.send(Change {
+                out.push(Change {
                     gvk: self.gvk.clone(),
+                    view: self.view,
                     object,
                     deleted,
                     previous,
@@ -292,7 +333,8 @@ impl KindCache {
                 self.synced.send_replace(true);
             }
         }
-        metrics.set_cache_objects(&kind, self.len());
+        metrics.set_cache_objects(&kind, self.view.label(), self.len());
+        out
     }
 }
 
@@ -309,12 +351,17 @@ struct Entry {
     users: usize,
 }
 
+/// Creates the change channel between the caches and the router.
+pub fn change_channel() -> (mpsc::Sender<Change>, mpsc::Receiver<Change>) {
+    mpsc::channel(CHANGE_BUFFER)
+}
+
 /// The registry of shared caches.
 pub struct Caches {
     client: Client,
     namespace: Option<String>,
-    kinds: tokio::sync::Mutex<HashMap<Gvk, Entry>>,
-    changes: mpsc::UnboundedSender<Change>,
+    kinds: tokio::sync::Mutex<HashMap<(Gvk, View), Entry>>,
+    changes: mpsc::Sender<Change>,
     metrics: Arc<Metrics>,
 }
 
@@ -324,7 +371,7 @@ impl Caches {
     pub fn new(
         client: Client,
         namespace: Option<String>,
-        changes: mpsc::UnboundedSender<Change>,
+        changes: mpsc::Sender<Change>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -336,11 +383,11 @@ impl Caches {
         }
     }
 
-    /// Takes a reference on the cache of `gvk`, starting its watch if this is
-    /// the first user.
-    pub async fn acquire(&self, gvk: &Gvk) -> Result<Arc<KindCache>, CacheError> {
+    /// Takes a reference on the cache of `gvk` seen as `view`, starting its
+    /// watch if this is the first user.
+    pub async fn acquire(&self, gvk: &Gvk, view: View) -> Result<Arc<KindCache>, CacheError> {
         let mut kinds = self.kinds.lock().await;
-        if let Some(entry) = kinds.get_mut(gvk) {
+        if let Some(entry) = kinds.get_mut(&(gvk.clone(), view)) {
             entry.users += 1;
             return Ok(entry.cache.clone());
         }
@@ -352,6 +399,7 @@ impl Caches {
             })?;
         let cache = Arc::new(KindCache {
             gvk: gvk.clone(),
+            view,
             namespaced: matches!(caps.scope, Scope::Namespaced),
             resource: resource.clone(),
             store: RwLock::new(Store::default()),
@@ -366,13 +414,25 @@ impl Caches {
         let changes = self.changes.clone();
         let metrics = self.metrics.clone();
         let task = tokio::spawn(async move {
-            let mut stream = watcher::watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
+            let config = match view {
+                View::Children => watcher::Config::default().labels(PLUGIN_LABEL),
+                View::All => watcher::Config::default(),
+            };
+            let mut stream = watcher::watcher(api, config).default_backoff().boxed();
             while let Some(item) = stream.next().await {
                 let Some(cache) = weak.upgrade() else { return };
                 match item {
-                    Ok(event) => cache.apply_event(event, &changes, &metrics),
+                    Ok(event) => {
+                        let out = cache.apply_event(event, &metrics);
+                        drop(cache);
+                        for change in out {
+                            // The router outlives the caches; a closed
+                            // channel means shutdown.
+                            if changes.send(change).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(kind = %cache.gvk, error = %e, "watch error; retrying with backoff")
                     }
@@ -380,9 +440,9 @@ impl Caches {
             }
         });
         *cache.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
-        tracing::info!(kind = %gvk, "watching");
+        tracing::info!(kind = %gvk, view = view.label(), "watching");
         kinds.insert(
-            gvk.clone(),
+            (gvk.clone(), view),
             Entry {
                 cache: cache.clone(),
                 users: 1,
@@ -391,22 +451,20 @@ impl Caches {
         Ok(cache)
     }
 
-    /// Drops a reference on the cache of `gvk`; the last user stops the watch.
-    pub async fn release(&self, gvk: &Gvk) {
+    /// Drops a reference on the cache of `gvk` seen as `view`; the last user
+    /// stops the watch.
+    pub async fn release(&self, gvk: &Gvk, view: View) {
         let mut kinds = self.kinds.lock().await;
-        if let Some(entry) = kinds.get_mut(gvk) {
+        let key = (gvk.clone(), view);
+        if let Some(entry) = kinds.get_mut(&key) {
             entry.users -= 1;
             if entry.users == 0 {
-                kinds.remove(gvk);
-                self.metrics.set_cache_objects(&gvk.to_string(), 0);
-                tracing::info!(kind = %gvk, "stopped watching: no plugin uses it");
+                kinds.remove(&key);
+                self.metrics
+                    .set_cache_objects(&gvk.to_string(), view.label(), 0);
+                tracing::info!(kind = %gvk, view = view.label(), "stopped watching: no plugin uses it");
             }
         }
-    }
-
-    /// The cache of `gvk`, if some plugin uses it.
-    pub async fn get(&self, gvk: &Gvk) -> Option<Arc<KindCache>> {
-        self.kinds.lock().await.get(gvk).map(|e| e.cache.clone())
     }
 
     /// Whether every cache has completed its initial list.
@@ -429,6 +487,7 @@ mod tests {
     fn cache() -> KindCache {
         KindCache {
             gvk: Gvk::new("", "v1", "ConfigMap"),
+            view: View::Children,
             resource: ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
             namespaced: true,
             store: RwLock::new(Store::default()),
@@ -457,7 +516,17 @@ mod tests {
                 },
             ]
         });
-        meta.managed_fields = Some(vec![Default::default()]);
+        meta.managed_fields = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
+                manager: Some("kuwa/p".into()),
+                operation: Some("Apply".into()),
+                fields_type: Some("FieldsV1".into()),
+                fields_v1: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
+                    json!({"f:data": {"f:k": {}}}),
+                )),
+                ..Default::default()
+            },
+        ]);
         DynamicObject {
             types: None,
             metadata: meta,
@@ -469,14 +538,13 @@ mod tests {
     fn relist_reports_only_real_changes_and_deletions() {
         let c = cache();
         let metrics = Metrics::new();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        c.apply_event(Event::Init, &tx, &metrics);
-        c.apply_event(Event::InitApply(cm("a", "1", Some("p"))), &tx, &metrics);
-        c.apply_event(Event::InitApply(cm("b", "1", None)), &tx, &metrics);
+        assert!(c.apply_event(Event::Init, &metrics).is_empty());
+        c.apply_event(Event::InitApply(cm("a", "1", Some("p"))), &metrics);
+        c.apply_event(Event::InitApply(cm("b", "1", None)), &metrics);
         assert!(!c.is_synced());
-        c.apply_event(Event::InitDone, &tx, &metrics);
+        let changes = c.apply_event(Event::InitDone, &metrics);
         assert!(c.is_synced());
-        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 2);
+        assert_eq!(changes.len(), 2);
         assert!(
             c.get(&ObjKey {
                 namespace: Some("ns".into()),
@@ -485,16 +553,16 @@ mod tests {
             .unwrap()
             .metadata
             .managed_fields
-            .is_none()
+            .as_ref()
+            .is_some_and(|m| m[0].manager.as_deref() == Some("kuwa/p") && m[0].fields_v1.is_none())
         );
         assert_eq!(c.owned_by("p").len(), 1);
 
         // A relist where `a` is unchanged, `b` is gone and `c` is new.
-        c.apply_event(Event::Init, &tx, &metrics);
-        c.apply_event(Event::InitApply(cm("a", "1", Some("p"))), &tx, &metrics);
-        c.apply_event(Event::InitApply(cm("c", "5", None)), &tx, &metrics);
-        c.apply_event(Event::InitDone, &tx, &metrics);
-        let changes: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        c.apply_event(Event::Init, &metrics);
+        c.apply_event(Event::InitApply(cm("a", "1", Some("p"))), &metrics);
+        c.apply_event(Event::InitApply(cm("c", "5", None)), &metrics);
+        let changes = c.apply_event(Event::InitDone, &metrics);
         let summary: Vec<_> = changes
             .iter()
             .map(|c| (c.object.name_any(), c.deleted))
@@ -507,13 +575,12 @@ mod tests {
     fn owner_index_follows_updates_and_deletes() {
         let c = cache();
         let metrics = Metrics::new();
-        let (tx, _rx) = mpsc::unbounded_channel();
-        c.apply_event(Event::Apply(cm("a", "1", Some("p1"))), &tx, &metrics);
+        c.apply_event(Event::Apply(cm("a", "1", Some("p1"))), &metrics);
         assert_eq!(c.owned_by("p1").len(), 1);
-        c.apply_event(Event::Apply(cm("a", "2", Some("p2"))), &tx, &metrics);
+        c.apply_event(Event::Apply(cm("a", "2", Some("p2"))), &metrics);
         assert!(c.owned_by("p1").is_empty());
         assert_eq!(c.owned_by("p2").len(), 1);
-        c.apply_event(Event::Delete(cm("a", "3", Some("p2"))), &tx, &metrics);
+        c.apply_event(Event::Delete(cm("a", "3", Some("p2"))), &metrics);
         assert!(c.owned_by("p2").is_empty());
         assert!(c.is_empty());
     }

@@ -10,15 +10,18 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
-use crate::apply::{owner_reference, prepare_child};
-use crate::controller::{DEFAULT_PLUGIN_CONCURRENCY, Host, HostConfig};
-use crate::hotswap::PluginDir;
-use crate::loader::{load_dir, load_file};
+use crate::cache::PLUGIN_LABEL;
+use crate::gvk::Gvk;
+use crate::host::{DEFAULT_PLUGIN_CONCURRENCY, Host, HostConfig};
 use crate::metrics::Metrics;
-use crate::plugin::PluginInfo;
+use crate::plan::{self, owner_reference, prepare_child};
+use crate::plugin::hotswap::PluginDir;
+use crate::plugin::info::{FieldManager, PluginInfo};
+use crate::plugin::loader::{load_dir, load_file};
+use crate::plugin::runtime::{LoadedPlugin, MAX_CONCURRENT_CALLS, Runtime, wit};
 use crate::reconcile::now_rfc3339;
-use crate::runtime::{DEFAULT_MEMORY_CAP, Limits, LoadedPlugin, Runtime, wit};
-use crate::validate::{ParentRef, validate_output};
+use crate::tenant::limits::{DEFAULT_MEMORY_CAP, Limits, MAX_DEADLINE};
+use crate::validate::{ParentRef, is_dns_subdomain, validate_output};
 
 /// kuwa: a Kubernetes controller host whose reconcile logic runs as
 /// WebAssembly components.
@@ -54,7 +57,8 @@ enum PluginCommand {
         /// The plugin component.
         file: PathBuf,
     },
-    /// Run a plugin's reconcile on fixture YAML and print the desired objects and status.
+    /// Run a plugin's reconcile on fixture YAML and print the desired objects, the status
+    /// and the writes the host would make (the host's own plan code, no cluster).
     Test(TestArgs),
 }
 
@@ -65,7 +69,9 @@ struct TestArgs {
     /// The parent object (YAML). Missing namespace, uid and generation are filled in.
     #[arg(long, value_name = "FILE")]
     parent: PathBuf,
-    /// Observed children (YAML, several documents allowed); repeatable.
+    /// Observed children (YAML, several documents allowed); repeatable. They are taken as
+    /// the parent's children: owner reference, plugin label and field manager are filled in
+    /// when missing.
     #[arg(long, value_name = "FILE")]
     children: Vec<PathBuf>,
     /// Related objects (YAML, several documents allowed); repeatable.
@@ -93,15 +99,19 @@ struct RunArgs {
     /// Apply the CRDs the plugins carry before serving them.
     #[arg(long)]
     install_crds: bool,
-    /// Reconciles in flight at once across all plugins.
+    /// Reconciles in flight at once across all plugins (at most the instance pool, 64).
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_concurrent_reconciles: usize,
     /// Reconciles in flight at once per plugin.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_PLUGIN_CONCURRENCY)]
     plugin_concurrency: usize,
-    /// Wall-clock deadline of one plugin call.
+    /// Wall-clock deadline of one plugin call, host calls included (at most 60s).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     call_deadline: Duration,
+    /// How long a reconcile waits for its plugin's caches to list before it gives up
+    /// (the key backs off and the parent is marked Degraded=CacheNotSynced).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    cache_sync_timeout: Duration,
     /// Memory cap of one plugin call, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_CAP >> 20)]
     memory_cap_mib: usize,
@@ -129,8 +139,8 @@ pub fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Run(args) => tokio_main(run(args)),
-        Command::Plugin(PluginCommand::Check { file }) => check(&file),
-        Command::Plugin(PluginCommand::Test(args)) => test(&args),
+        Command::Plugin(PluginCommand::Check { file }) => tokio_main(check(&file)),
+        Command::Plugin(PluginCommand::Test(args)) => tokio_main(test(&args)),
         Command::Crds { plugins, out } => tokio_main(crds(&plugins, out.as_deref())),
     };
     match result {
@@ -178,10 +188,47 @@ async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(config).context("building the API client")
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Checks the `run` arguments that clap cannot.
+fn check_run_args(args: &RunArgs) -> anyhow::Result<()> {
     if !args.plugins.is_dir() {
         bail!("--plugins {} is not a directory", args.plugins.display());
     }
+    let pool = MAX_CONCURRENT_CALLS as usize;
+    if args.max_concurrent_reconciles == 0 || args.max_concurrent_reconciles > pool {
+        bail!(
+            "--max-concurrent-reconciles must be between 1 and {pool} (the instance pool), got {}",
+            args.max_concurrent_reconciles
+        );
+    }
+    if args.plugin_concurrency == 0 || args.plugin_concurrency > pool {
+        bail!(
+            "--plugin-concurrency must be between 1 and {pool}, got {}",
+            args.plugin_concurrency
+        );
+    }
+    if args.call_deadline.is_zero() || args.call_deadline > MAX_DEADLINE {
+        bail!(
+            "--call-deadline must be between 1ms and {}, got {}",
+            humantime::format_duration(MAX_DEADLINE),
+            humantime::format_duration(args.call_deadline)
+        );
+    }
+    if args.memory_cap_mib == 0 || args.memory_cap_mib > crate::tenant::limits::MAX_MEMORY_CAP >> 20
+    {
+        bail!(
+            "--memory-cap-mib must be between 1 and {}, got {}",
+            crate::tenant::limits::MAX_MEMORY_CAP >> 20,
+            args.memory_cap_mib
+        );
+    }
+    if args.resync_period.is_zero() {
+        bail!("--resync-period must be positive");
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    check_run_args(&args)?;
     let client = client(args.kubeconfig.as_deref()).await?;
     let version = client
         .apiserver_version()
@@ -202,6 +249,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_concurrent_reconciles: args.max_concurrent_reconciles,
         plugin_concurrency: args.plugin_concurrency,
         namespace: args.namespace.clone(),
+        sync_timeout: args.cache_sync_timeout,
     };
     let (host, changes) = Host::new(client.clone(), config, metrics);
     let endpoint = crate::endpoints::serve(args.metrics_addr, host.clone())
@@ -218,7 +266,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let limits = Limits {
         deadline: args.call_deadline,
         memory_bytes: args.memory_cap_mib << 20,
-        fuel: None,
+        ..Limits::default()
     };
     let plugins = PluginDir::new(
         host.clone(),
@@ -259,17 +307,16 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn load_one(file: &Path) -> anyhow::Result<LoadedPlugin> {
+async fn load_one(file: &Path) -> anyhow::Result<LoadedPlugin> {
     let runtime = Runtime::new(None)
         .map_err(|e| anyhow::anyhow!("{e:#}"))
         .context("starting the wasm runtime")?;
-    Ok(load_file(&runtime, file, Limits::default())?)
+    Ok(load_file(&runtime, file, Limits::default()).await?)
 }
 
 /// What `plugin check` prints for a plugin.
 pub fn describe_json(info: &PluginInfo, sha256: &str) -> Value {
-    let gvk =
-        |g: &crate::plugin::Gvk| json!({"group": g.group, "version": g.version, "kind": g.kind});
+    let gvk = |g: &Gvk| json!({"group": g.group, "version": g.version, "kind": g.kind});
     json!({
         "name": &*info.name,
         "version": info.version,
@@ -281,31 +328,26 @@ pub fn describe_json(info: &PluginInfo, sha256: &str) -> Value {
         "finalizer": if info.finalizer { Value::from(info.finalizer_name()) } else { Value::Null },
         "resyncSeconds": info.resync.map(|d| d.as_secs()),
         "crd": info.crd.as_ref().map(|c| c["metadata"]["name"].clone()),
+        "fieldManager": info.field_manager(FieldManager::Children),
     })
 }
 
-fn check(file: &Path) -> anyhow::Result<()> {
-    let plugin = load_one(file)?;
-    print!(
-        "{}",
-        serde_yaml::to_string(&describe_json(&plugin.info, &plugin.sha256))?
-    );
+fn to_yaml(value: &Value) -> anyhow::Result<String> {
+    serde_saphyr::to_string(value).context("printing YAML")
+}
+
+async fn check(file: &Path) -> anyhow::Result<()> {
+    let plugin = load_one(file).await?;
+    print!("{}", to_yaml(&describe_json(&plugin.info, &plugin.sha256))?);
     Ok(())
 }
 
 fn read_yaml_docs(path: &Path) -> anyhow::Result<Vec<Value>> {
-    use serde::Deserialize;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value = Value::deserialize(doc)
-            .with_context(|| format!("{} is not valid YAML", path.display()))?;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+        .with_context(|| format!("{} is not valid YAML", path.display()))?;
+    Ok(docs.into_iter().filter(|v| !v.is_null()).collect())
 }
 
 /// Fills what the API server would have set on a fixture parent.
@@ -327,16 +369,54 @@ fn fixture_parent(mut parent: Value) -> anyhow::Result<Value> {
     Ok(parent)
 }
 
-fn test(args: &TestArgs) -> anyhow::Result<()> {
-    let plugin = load_one(&args.file)?;
+/// Makes a fixture child one of `parent`'s, as the host would have applied
+/// it: owner reference, plugin label and field manager, where missing.
+fn fixture_child(
+    mut child: Value,
+    parent: &kube::api::DynamicObject,
+    info: &PluginInfo,
+) -> anyhow::Result<kube::api::DynamicObject> {
+    if !child["metadata"]["name"].is_string() {
+        bail!("every observed child needs metadata.name");
+    }
+    let meta = &mut child["metadata"];
+    if meta.get("namespace").is_none()
+        && let Some(ns) = &parent.metadata.namespace
+    {
+        meta["namespace"] = json!(ns);
+    }
+    if meta.get("ownerReferences").is_none() {
+        meta["ownerReferences"] = json!([owner_reference(&info.parent, parent)]);
+    }
+    if !meta["labels"].is_object() {
+        meta["labels"] = json!({});
+    }
+    if meta["labels"].get(PLUGIN_LABEL).is_none() {
+        meta["labels"][PLUGIN_LABEL] = json!(&*info.name);
+    }
+    if meta.get("managedFields").is_none() {
+        meta["managedFields"] = json!([{
+            "manager": info.field_manager(FieldManager::Children),
+            "operation": "Apply",
+        }]);
+    }
+    Ok(serde_json::from_value(child)?)
+}
+
+async fn test(args: &TestArgs) -> anyhow::Result<()> {
+    let plugin = load_one(&args.file).await?;
+    let info = &plugin.info;
     let parent = read_yaml_docs(&args.parent)?
         .into_iter()
         .next()
         .with_context(|| format!("{} holds no object", args.parent.display()))?;
     let parent = fixture_parent(parent)?;
+    let parent_object: kube::api::DynamicObject = serde_json::from_value(parent.clone())?;
     let mut children = Vec::new();
     for path in &args.children {
-        children.extend(read_yaml_docs(path)?);
+        for doc in read_yaml_docs(path)? {
+            children.push(Arc::new(fixture_child(doc, &parent_object, info)?));
+        }
     }
     let mut related = Vec::new();
     for path in &args.related {
@@ -344,54 +424,78 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
     }
     let input = wit::Observed {
         parent: parent.to_string(),
-        children: children.iter().map(Value::to_string).collect(),
+        children: children
+            .iter()
+            .map(|c| serde_json::to_string(&**c))
+            .collect::<Result<_, _>>()?,
         related: related.iter().map(Value::to_string).collect(),
         context: wit::Context {
             now: now_rfc3339(),
             trigger: "plugin test".into(),
         },
     };
-    let desired = match plugin.reconcile(&input)? {
+    let desired = match plugin.reconcile(&input).await? {
         Ok(d) => d,
         Err(wit::ReconcileError::InvalidSpec(m)) => bail!("invalid spec: {m}"),
         Err(wit::ReconcileError::Transient(m)) => bail!("transient error: {m}"),
         Err(wit::ReconcileError::BadInput(m)) => bail!("bad input: {m}"),
     };
-    let namespace = parent["metadata"]["namespace"].as_str();
-    let name = parent["metadata"]["name"].as_str().unwrap_or_default();
-    let (wanted, status) = validate_output(
-        &plugin.info,
+    let namespace = parent_object.metadata.namespace.clone();
+    let name = parent_object.metadata.name.clone().unwrap_or_default();
+    let output = validate_output(
+        info,
         &plugin.grant,
-        &ParentRef { namespace, name },
-        &desired.children,
-        desired.status.as_deref(),
+        &ParentRef {
+            namespace: namespace.as_deref(),
+            name: &name,
+        },
+        desired,
     )
     .context("the host would reject this output")?;
-    let parent_object: kube::api::DynamicObject = serde_json::from_value(parent.clone())?;
-    let owner = owner_reference(&plugin.info.parent, &parent_object);
-    let objects: Vec<Value> = wanted
-        .into_iter()
-        .map(|c| prepare_child(c.object, namespace, &owner, &plugin.info))
+    let owner = owner_reference(&info.parent, &parent_object);
+    let objects: Vec<Value> = output
+        .children
+        .iter()
+        .map(|c| prepare_child(c.object.clone(), namespace.as_deref(), &owner, info))
         .collect();
-    let events: Vec<Value> = desired
+    let status = output.status.clone();
+    let requeue = output.requeue_after;
+    let events: Vec<Value> = output
         .events
         .iter()
-        .map(|e| {
-            let kind = if matches!(e.event_type, wit::EventType::Warning) {
-                "Warning"
-            } else {
-                "Normal"
-            };
-            json!({"type": kind, "reason": e.reason, "message": e.message})
-        })
+        .map(|e| json!({"type": e.kind(), "reason": e.reason, "message": e.message}))
         .collect();
+    // The same plan step as the host's, with the fixtures as the cache.
+    let cached = |gvk: &Gvk, ns: Option<&str>, name: &str| {
+        children
+            .iter()
+            .find(|c| {
+                Gvk::of_object(&plan::object_json(c)).as_ref() == Some(gvk)
+                    && c.metadata.name.as_deref() == Some(name)
+                    && c.metadata.namespace.as_deref() == ns
+            })
+            .cloned()
+    };
+    let namespaced = |_: &Gvk| namespace.is_some();
+    let now = now_rfc3339();
+    let seen = plan::Observed {
+        info,
+        grant: &plugin.grant,
+        parent: &parent_object,
+        children: &children,
+        cached: &cached,
+        namespaced: &namespaced,
+        now: &now,
+    };
+    let plan = plan::reconcile(&seen, output).context("the host would refuse this output")?;
     let out = json!({
         "children": objects,
         "status": status,
-        "requeueAfterMs": desired.requeue_after_ms,
+        "requeueAfterMs": requeue.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         "events": events,
+        "plan": plan.writes.iter().map(plan::Write::describe).collect::<Vec<_>>(),
     });
-    print!("{}", serde_yaml::to_string(&out)?);
+    print!("{}", to_yaml(&out)?);
     Ok(())
 }
 
@@ -406,10 +510,20 @@ async fn crds(dir: &Path, out: Option<&Path>) -> anyhow::Result<()> {
         match result {
             Ok(plugin) => match &plugin.info.crd {
                 Some(crd) => {
-                    let yaml = serde_yaml::to_string(crd)?;
+                    let yaml = to_yaml(crd)?;
                     match out {
                         Some(out) => {
-                            let name = crd["metadata"]["name"].as_str().unwrap_or("unnamed");
+                            let name = crd["metadata"]["name"].as_str().unwrap_or_default();
+                            // The name becomes a file name: a plugin must not
+                            // be able to write outside the directory.
+                            if !is_dns_subdomain(name) {
+                                eprintln!(
+                                    "error: plugin {} carries a CRD named {name:?}, which is not a DNS subdomain; not written",
+                                    plugin.info.name
+                                );
+                                failed += 1;
+                                continue;
+                            }
                             let path = out.join(format!("{name}.yaml"));
                             let text = format!(
                                 "# Generated by `kuwa crds --plugins DIR --out deploy/crds` from plugin {}. Do not edit.\n{yaml}",

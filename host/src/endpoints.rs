@@ -1,5 +1,7 @@
-//! The host's HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and
-//! `POST /resync` (queue every parent now, for operators and tests).
+//! The host's HTTP endpoints: `/metrics`, `/healthz` (503 once a core task
+//! of the host has died), `/readyz` (200 once every plugin's caches have
+//! listed), and `POST /resync` (queue every parent now, for operators and
+//! tests).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
-use crate::controller::Host;
+use crate::host::Host;
 
 async fn metrics(State(host): State<Arc<Host>>) -> impl IntoResponse {
     (
@@ -22,8 +24,16 @@ async fn metrics(State(host): State<Arc<Host>>) -> impl IntoResponse {
     )
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+async fn healthz(State(host): State<Arc<Host>>) -> (StatusCode, String) {
+    let dead = host.health.dead();
+    if dead.is_empty() {
+        (StatusCode::OK, "ok".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("core tasks stopped: {}", dead.join(", ")),
+        )
+    }
 }
 
 async fn readyz(State(host): State<Arc<Host>>) -> (StatusCode, &'static str) {

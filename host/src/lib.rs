@@ -4,23 +4,28 @@
 //! components. The host owns every watch, cache, queue and API write; plugins
 //! are pure reconcile functions behind the `kuwa:controller` WIT interface.
 //!
-//! Modules follow the data flow (DESIGN §2): [`cache`] (shared watches) →
-//! [`queue`] → [`reconcile`] (snapshot, call, [`validate`]) → [`apply`], with
-//! the plugin [`runtime`] and [`loader`], [`hotswap`] (the watched plugins
-//! directory), the [`controller`] that wires them,
-//! [`metrics`] and [`endpoints`], and the [`cli`].
+//! Modules follow the data flow (DESIGN §2), one direction:
+//! [`cache`] (shared watches) → [`host`] (the router; assembles the rest) →
+//! [`queue`] → [`worker`] → [`reconcile`] (snapshot with [`related`], call,
+//! [`validate`]) → [`plan`] (pure: what to write and why) → [`apply`] (the
+//! per-plugin writer, the only way to write). Plugins are loaded, run and
+//! swapped by [`plugin`]; what each may do is the [`tenant`] boundary;
+//! [`active`] binds a loaded plugin to its caches and writer. Around them:
+//! [`metrics`], [`endpoints`] and the [`cli`].
 
+pub mod active;
 pub mod apply;
 pub mod cache;
 pub mod cli;
-pub mod controller;
 pub mod endpoints;
-pub mod grant;
-pub mod hotswap;
-pub mod loader;
+pub mod gvk;
+pub mod host;
 pub mod metrics;
+pub mod plan;
 pub mod plugin;
 pub mod queue;
 pub mod reconcile;
-pub mod runtime;
+pub mod related;
+pub mod tenant;
 pub mod validate;
+pub mod worker;

@@ -37,6 +37,9 @@ pub struct Metrics {
     plugin_quarantined: Family<Labels, Gauge>,
     plugin_load_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     write_budget_waits: Family<Labels, Counter>,
+    plugin_log_dropped: Family<Labels, Counter>,
+    cache_sync_timeouts: Family<Labels, Counter>,
+    reconcile_panics: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -67,6 +70,9 @@ impl Metrics {
             plugin_quarantined: Family::default(),
             plugin_load_seconds: Family::default(),
             write_budget_waits: Family::default(),
+            plugin_log_dropped: Family::default(),
+            cache_sync_timeouts: Family::default(),
+            reconcile_panics: Family::default(),
         };
         registry.register(
             "kuwa_reconciles",
@@ -90,12 +96,12 @@ impl Metrics {
         );
         registry.register(
             "kuwa_cache_objects",
-            "Objects in the shared cache, by kind",
+            "Objects in the shared caches, by kind and view (children: only objects labelled kuwa.dev/plugin; all)",
             m.cache_objects.clone(),
         );
         registry.register(
             "kuwa_api_writes",
-            "API writes the host made, by plugin, verb (apply, delete, status, event, finalizer, annotate) and kind",
+            "API writes the host made, by plugin, verb (apply, delete, status, event, finalizer, annotate, crd) and kind",
             m.api_writes.clone(),
         );
         registry.register(
@@ -125,7 +131,7 @@ impl Metrics {
         );
         registry.register(
             "kuwa_plugin_load_errors",
-            "Plugin files not loaded (the version already served keeps serving), by file and reason (read, manifest, compile, link, describe, incompatible)",
+            "Plugin files not loaded (the version already served keeps serving), by file and reason (read, manifest, grant, compile, link, describe, crd, incompatible)",
             m.plugin_load_errors.clone(),
         );
         registry.register(
@@ -147,6 +153,21 @@ impl Metrics {
             "kuwa_write_budget_waits",
             "API writes that waited for the plugin's write budget (token bucket)",
             m.write_budget_waits.clone(),
+        );
+        registry.register(
+            "kuwa_plugin_log_dropped",
+            "Log lines a plugin wrote past its per-call limit (maxLogLines), dropped",
+            m.plugin_log_dropped.clone(),
+        );
+        registry.register(
+            "kuwa_cache_sync_timeouts",
+            "Reconciles that gave up waiting for the plugin's caches to list, by plugin",
+            m.cache_sync_timeouts.clone(),
+        );
+        registry.register(
+            "kuwa_reconcile_panics",
+            "Reconciles that panicked in the host (a bug); the key backed off, by plugin",
+            m.reconcile_panics.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
@@ -183,11 +204,32 @@ impl Metrics {
             .set(depth as i64);
     }
 
-    /// Sets the number of cached objects of a kind.
-    pub fn set_cache_objects(&self, kind: &str, count: usize) {
+    /// Sets the number of cached objects of a kind in one view.
+    pub fn set_cache_objects(&self, kind: &str, view: &'static str, count: usize) {
         self.cache_objects
-            .get_or_create(&vec![("kind", kind.into())])
+            .get_or_create(&vec![("kind", kind.into()), ("view", view.into())])
             .set(count as i64);
+    }
+
+    /// Counts log lines a plugin wrote past its limit.
+    pub fn plugin_log_dropped(&self, plugin: &str, lines: u64) {
+        self.plugin_log_dropped
+            .get_or_create(&vec![("plugin", plugin.into())])
+            .inc_by(lines);
+    }
+
+    /// Counts a reconcile that gave up waiting for caches to sync.
+    pub fn cache_sync_timeout(&self, plugin: &str) {
+        self.cache_sync_timeouts
+            .get_or_create(&vec![("plugin", plugin.into())])
+            .inc();
+    }
+
+    /// Counts a reconcile that panicked in the host.
+    pub fn reconcile_panic(&self, plugin: &str) {
+        self.reconcile_panics
+            .get_or_create(&vec![("plugin", plugin.into())])
+            .inc();
     }
 
     /// Counts one API write.
@@ -358,6 +400,9 @@ mod tests {
         m.set_quarantined("p", true);
         m.plugin_load_time("p", "hit", 0.01);
         m.write_budget_wait("p");
+        m.plugin_log_dropped("p", 3);
+        m.cache_sync_timeout("p");
+        m.reconcile_panic("p");
         let text = m.render();
         for name in [
             "kuwa_plugin_load_errors_total",
@@ -365,6 +410,9 @@ mod tests {
             "kuwa_plugin_quarantined",
             "kuwa_plugin_load_seconds",
             "kuwa_write_budget_waits_total",
+            "kuwa_plugin_log_dropped_total",
+            "kuwa_cache_sync_timeouts_total",
+            "kuwa_reconcile_panics_total",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(name)),

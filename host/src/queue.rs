@@ -6,7 +6,13 @@
 //!   again until the worker reports [`Outcome`]; events arriving meanwhile
 //!   mark it dirty and it is queued again on completion;
 //! * **backoff**: a key whose reconcile failed waits `BASE_BACKOFF * 2^(n-1)`
-//!   (capped at `MAX_BACKOFF`) after its n-th consecutive failure;
+//!   (capped at `MAX_BACKOFF`) after its n-th consecutive failure, and stays
+//!   in backoff: events, resyncs and `/resync` coalesce into the pending
+//!   retry instead of running it early. Only a new version of the plugin
+//!   ([`QueueCore::reset_plugin`]) ends a backoff early;
+//! * **quarantine**: a quarantined plugin gets at most one key (a probe) per
+//!   quarantine interval, however many keys it has; a successful probe or a
+//!   new version lifts it;
 //! * **delays**: requeue-after from the plugin, resyncs;
 //! * **fairness**: keys are handed out round-robin across plugins, and each
 //!   plugin has its own concurrency cap, so one plugin's backlog cannot starve
@@ -56,8 +62,8 @@ pub enum Outcome {
     },
     /// Failure: retry with exponential backoff.
     Failure,
-    /// Failure of a quarantined plugin: retry only after
-    /// [`crate::grant::QUARANTINE_BACKOFF`] (or when a new version is loaded).
+    /// Failure of a quarantined plugin: the key backs off, and the plugin
+    /// gets one probe key per quarantine interval until one succeeds.
     Quarantined,
 }
 
@@ -72,6 +78,18 @@ struct PluginLane {
     ready: VecDeque<QueueKey>,
     in_flight: usize,
     max_in_flight: usize,
+    quarantine_interval: Duration,
+    /// While quarantined: when the next probe key may be handed out.
+    next_probe: Option<Instant>,
+}
+
+/// Why a key waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Requeue-after or a scheduled look: an event may run it earlier.
+    Delay,
+    /// A retry after failures: events coalesce into it.
+    Backoff,
 }
 
 /// The queue's logic, with time passed in by the caller.
@@ -85,7 +103,7 @@ pub struct QueueCore {
     in_flight: HashSet<QueueKey>,
     dirty: HashMap<QueueKey, &'static str>,
     delayed: BTreeSet<(Instant, u64, QueueKey)>,
-    delayed_at: HashMap<QueueKey, (Instant, u64, &'static str)>,
+    delayed_at: HashMap<QueueKey, (Instant, u64, &'static str, Wait)>,
     seq: u64,
     failures: HashMap<QueueKey, u32>,
 }
@@ -96,13 +114,41 @@ impl QueueCore {
         Self::default()
     }
 
-    /// Registers a plugin with its concurrency cap (or updates the cap).
-    pub fn set_plugin(&mut self, plugin: Arc<str>, max_in_flight: usize) {
+    /// Registers a plugin with its concurrency cap and quarantine interval
+    /// (or updates them).
+    pub fn set_plugin(&mut self, plugin: Arc<str>, max_in_flight: usize, quarantine: Duration) {
         let lane = self.lanes.entry(plugin.clone()).or_default();
         lane.max_in_flight = max_in_flight.max(1);
+        lane.quarantine_interval = quarantine;
         if !self.order.contains(&plugin) {
             self.order.push(plugin);
         }
+    }
+
+    /// A new version of `plugin` is serving: its quarantine is lifted, and
+    /// every key in backoff is ready now.
+    pub fn reset_plugin(&mut self, plugin: &str) {
+        if let Some(lane) = self.lanes.get_mut(plugin) {
+            lane.next_probe = None;
+        }
+        self.failures.retain(|k, _| &*k.plugin != plugin);
+        let backing_off: Vec<(QueueKey, &'static str)> = self
+            .delayed_at
+            .iter()
+            .filter(|(k, (_, _, _, wait))| &*k.plugin == plugin && *wait == Wait::Backoff)
+            .map(|(k, (_, _, trigger, _))| (k.clone(), *trigger))
+            .collect();
+        for (key, trigger) in backing_off {
+            self.undelay(&key);
+            self.add(key, trigger);
+        }
+    }
+
+    /// Whether `plugin`'s lane is quarantined.
+    pub fn is_quarantined(&self, plugin: &str) -> bool {
+        self.lanes
+            .get(plugin)
+            .is_some_and(|l| l.next_probe.is_some())
     }
 
     /// Forgets a plugin and every key of it (keys in flight finish but are
@@ -117,8 +163,15 @@ impl QueueCore {
         self.delayed_at.retain(|k, _| &*k.plugin != plugin);
     }
 
+    fn undelay(&mut self, key: &QueueKey) -> Option<(Instant, &'static str, Wait)> {
+        let (at, seq, trigger, wait) = self.delayed_at.remove(key)?;
+        self.delayed.remove(&(at, seq, key.clone()));
+        Some((at, trigger, wait))
+    }
+
     /// Queues `key` now, with why (for logs). Keys of unknown plugins are
-    /// dropped.
+    /// dropped; a key in backoff stays there (the event is folded into the
+    /// pending retry).
     pub fn add(&mut self, key: QueueKey, trigger: &'static str) {
         if !self.lanes.contains_key(&key.plugin) {
             return;
@@ -130,8 +183,11 @@ impl QueueCore {
         if self.queued.contains_key(&key) {
             return;
         }
-        if let Some((at, seq, _)) = self.delayed_at.remove(&key) {
-            self.delayed.remove(&(at, seq, key.clone()));
+        if let Some(&(_, _, _, wait)) = self.delayed_at.get(&key) {
+            if wait == Wait::Backoff {
+                return;
+            }
+            self.undelay(&key);
         }
         if let Some(lane) = self.lanes.get_mut(&key.plugin) {
             lane.ready.push_back(key.clone());
@@ -139,20 +195,25 @@ impl QueueCore {
         }
     }
 
-    /// Queues `key` at `at` (keeping an earlier pending time if there is one).
+    fn delay(&mut self, key: QueueKey, at: Instant, trigger: &'static str, wait: Wait) {
+        self.seq += 1;
+        self.delayed.insert((at, self.seq, key.clone()));
+        self.delayed_at.insert(key, (at, self.seq, trigger, wait));
+    }
+
+    /// Queues `key` at `at` (keeping an earlier pending time if there is one,
+    /// and never shortening a backoff).
     pub fn add_at(&mut self, key: QueueKey, at: Instant, trigger: &'static str) {
         if !self.lanes.contains_key(&key.plugin) || self.queued.contains_key(&key) {
             return;
         }
-        if let Some(&(existing, seq, _)) = self.delayed_at.get(&key) {
-            if existing <= at {
+        if let Some(&(existing, _, _, wait)) = self.delayed_at.get(&key) {
+            if existing <= at || wait == Wait::Backoff {
                 return;
             }
-            self.delayed.remove(&(existing, seq, key.clone()));
+            self.undelay(&key);
         }
-        self.seq += 1;
-        self.delayed.insert((at, self.seq, key.clone()));
-        self.delayed_at.insert(key, (at, self.seq, trigger));
+        self.delay(key, at, trigger, Wait::Delay);
     }
 
     /// Moves every delayed key that is due at `now` into the ready lanes.
@@ -167,22 +228,31 @@ impl QueueCore {
             let trigger = self
                 .delayed_at
                 .remove(&key)
-                .map_or("requeue", |(_, _, t)| t);
+                .map_or("requeue", |(_, _, t, _)| t);
             self.add(key, trigger);
         }
     }
 
-    /// Time until the next delayed key is due, if any.
+    /// Time until the next delayed key or quarantine probe is due, if any.
     pub fn next_due(&self, now: Instant) -> Option<Duration> {
-        self.delayed
-            .first()
-            .map(|(at, _, _)| at.saturating_duration_since(now))
+        let delayed = self.delayed.first().map(|(at, _, _)| *at);
+        let probes = self
+            .lanes
+            .values()
+            .filter(|l| !l.ready.is_empty())
+            .filter_map(|l| l.next_probe);
+        delayed
+            .into_iter()
+            .chain(probes)
+            .min()
+            .map(|at| at.saturating_duration_since(now))
     }
 
     /// Hands out the next key, round-robin across plugins that have a ready
-    /// key and room under their concurrency cap. The key is in flight until
+    /// key and room under their concurrency cap (a quarantined plugin: only
+    /// when its next probe is due). The key is in flight until
     /// [`QueueCore::done`].
-    pub fn pop(&mut self) -> Option<(QueueKey, &'static str)> {
+    pub fn pop(&mut self, now: Instant) -> Option<(QueueKey, &'static str)> {
         let n = self.order.len();
         for i in 0..n {
             let idx = (self.next_lane + i) % n;
@@ -193,8 +263,16 @@ impl QueueCore {
             if lane.in_flight >= lane.max_in_flight {
                 continue;
             }
+            if let Some(probe) = lane.next_probe
+                && (probe > now || lane.in_flight > 0)
+            {
+                continue;
+            }
             if let Some(key) = lane.ready.pop_front() {
                 lane.in_flight += 1;
+                if lane.next_probe.is_some() {
+                    lane.next_probe = Some(now + lane.quarantine_interval);
+                }
                 self.next_lane = (idx + 1) % n;
                 let trigger = self.queued.remove(&key).unwrap_or("event");
                 self.in_flight.insert(key.clone());
@@ -211,6 +289,13 @@ impl QueueCore {
         }
         if let Some(lane) = self.lanes.get_mut(&key.plugin) {
             lane.in_flight = lane.in_flight.saturating_sub(1);
+            match outcome {
+                Outcome::Success { .. } => lane.next_probe = None,
+                Outcome::Quarantined if lane.next_probe.is_none() => {
+                    lane.next_probe = Some(now + lane.quarantine_interval);
+                }
+                _ => {}
+            }
         }
         match outcome {
             Outcome::Success { requeue_after } => {
@@ -222,20 +307,14 @@ impl QueueCore {
             Outcome::Failure | Outcome::Quarantined => {
                 let failures = self.failures.entry(key.clone()).or_insert(0);
                 *failures += 1;
-                let mut delay = backoff(*failures);
-                if outcome == Outcome::Quarantined {
-                    delay = delay.max(crate::grant::QUARANTINE_BACKOFF);
-                }
-                self.add_at(key.clone(), now + delay, "retry");
+                let delay = backoff(*failures);
+                self.undelay(key);
+                self.delay(key.clone(), now + delay, "retry", Wait::Backoff);
             }
         }
         if let Some(trigger) = self.dirty.remove(key) {
             // Something changed while the key was being reconciled: look again
-            // now. A failing key keeps its backoff entry too, so a hot loop of
-            // events cannot bypass the backoff for long.
-            if !matches!(outcome, Outcome::Success { .. }) {
-                return;
-            }
+            // now. A failing key is in backoff, which the event joins.
             self.add(key.clone(), trigger);
         }
     }
@@ -305,8 +384,9 @@ impl WorkQueue {
             notified.as_mut().enable();
             let wait = {
                 let mut q = self.core.lock().unwrap_or_else(|e| e.into_inner());
-                q.promote_due(Instant::now());
-                if let Some(next) = q.pop() {
+                let now = Instant::now();
+                q.promote_due(now);
+                if let Some(next) = q.pop(now) {
                     return next;
                 }
                 q.next_due(Instant::now())
@@ -328,6 +408,8 @@ impl WorkQueue {
 mod tests {
     use super::*;
 
+    const QUARANTINE: Duration = Duration::from_secs(60);
+
     fn key(plugin: &str, name: &str) -> QueueKey {
         QueueKey {
             plugin: Arc::from(plugin),
@@ -339,7 +421,7 @@ mod tests {
     fn core(plugins: &[(&str, usize)]) -> QueueCore {
         let mut q = QueueCore::new();
         for (p, c) in plugins {
-            q.set_plugin(Arc::from(*p), *c);
+            q.set_plugin(Arc::from(*p), *c, QUARANTINE);
         }
         q
     }
@@ -350,9 +432,9 @@ mod tests {
         q.add(key("a", "x"), "event");
         q.add(key("a", "x"), "event");
         q.add(key("a", "y"), "event");
-        assert_eq!(q.pop().unwrap().0, key("a", "x"));
-        assert_eq!(q.pop().unwrap().0, key("a", "y"));
-        assert!(q.pop().is_none());
+        assert_eq!(q.pop(Instant::now()).unwrap().0, key("a", "x"));
+        assert_eq!(q.pop(Instant::now()).unwrap().0, key("a", "y"));
+        assert!(q.pop(Instant::now()).is_none());
     }
 
     #[test]
@@ -360,12 +442,12 @@ mod tests {
         let now = Instant::now();
         let mut q = core(&[("a", 4)]);
         q.add(key("a", "x"), "event");
-        let (k, _) = q.pop().unwrap();
+        let (k, _) = q.pop(Instant::now()).unwrap();
         // Events while in flight mark it dirty instead of queueing it.
         q.add(key("a", "x"), "child changed");
         q.add(key("a", "x"), "child changed");
         assert!(
-            q.pop().is_none(),
+            q.pop(Instant::now()).is_none(),
             "an in-flight key must not be handed out again"
         );
         q.done(
@@ -376,8 +458,11 @@ mod tests {
             now,
         );
         // ...and it comes back exactly once afterwards, with its trigger.
-        assert_eq!(q.pop(), Some((key("a", "x"), "child changed")));
-        assert!(q.pop().is_none());
+        assert_eq!(
+            q.pop(Instant::now()),
+            Some((key("a", "x"), "child changed"))
+        );
+        assert!(q.pop(Instant::now()).is_none());
     }
 
     #[test]
@@ -388,19 +473,19 @@ mod tests {
         q.add(k.clone(), "event");
         let mut now = t0;
         for n in 1..=4u32 {
-            let (got, _) = q.pop().unwrap();
+            let (got, _) = q.pop(Instant::now()).unwrap();
             q.done(&got, Outcome::Failure, now);
             assert_eq!(q.failures(&k), n);
             let wait = q.next_due(now).unwrap();
             assert_eq!(wait, BASE_BACKOFF * 2u32.pow(n - 1));
             // Not due a moment before the backoff...
             q.promote_due(now + wait - Duration::from_millis(1));
-            assert!(q.pop().is_none());
+            assert!(q.pop(Instant::now()).is_none());
             // ...due at it.
             now += wait;
             q.promote_due(now);
         }
-        let (got, trigger) = q.pop().unwrap();
+        let (got, trigger) = q.pop(Instant::now()).unwrap();
         assert_eq!(trigger, "retry");
         q.done(
             &got,
@@ -425,25 +510,95 @@ mod tests {
         let now = Instant::now();
         let mut q = core(&[("a", 1)]);
         q.add(key("a", "x"), "event");
-        let (k, _) = q.pop().unwrap();
+        let (k, _) = q.pop(now).unwrap();
         q.add(key("a", "x"), "event");
         q.done(&k, Outcome::Failure, now);
-        assert!(q.pop().is_none());
+        assert!(q.pop(now).is_none());
         q.promote_due(now + BASE_BACKOFF);
-        assert!(q.pop().is_some());
+        assert!(q.pop(now).is_some());
     }
 
     #[test]
-    fn quarantined_keys_wait_long() {
+    fn events_and_resyncs_coalesce_into_a_backoff() {
         let now = Instant::now();
         let mut q = core(&[("a", 1)]);
+        let k = key("a", "x");
+        q.add(k.clone(), "event");
+        for n in 1..=5 {
+            let (got, _) = q.pop(now).unwrap();
+            q.done(&got, Outcome::Failure, now);
+            if n < 5 {
+                q.promote_due(now + backoff(n));
+            }
+        }
+        let wait = q.next_due(now).unwrap();
+        assert_eq!(wait, backoff(5));
+        // Events, resyncs and a /resync all fold into the pending retry...
+        q.add(k.clone(), "related changed");
+        q.add(k.clone(), "resync");
+        q.add_at(k.clone(), now + Duration::from_millis(1), "requeue");
+        assert!(q.pop(now).is_none(), "a backoff must not be cut short");
+        assert_eq!(q.next_due(now), Some(wait));
+        // ...and it runs when the backoff is over.
+        q.promote_due(now + wait);
+        assert!(q.pop(now + wait).is_some());
+    }
+
+    #[test]
+    fn a_quarantined_plugin_gets_one_probe_per_interval() {
+        let t0 = Instant::now();
+        let mut q = core(&[("a", 8)]);
+        for n in 0..20 {
+            q.add(key("a", &n.to_string()), "event");
+        }
+        let (k, _) = q.pop(t0).unwrap();
+        q.done(&k, Outcome::Quarantined, t0);
+        assert!(q.is_quarantined("a"));
+        // However often keys are added, nothing runs before the interval.
+        let mut calls = 0;
+        let mut now = t0;
+        while now < t0 + QUARANTINE * 3 {
+            for n in 0..20 {
+                q.add(key("a", &n.to_string()), "resync");
+            }
+            q.promote_due(now);
+            while let Some((k, _)) = q.pop(now) {
+                calls += 1;
+                q.done(&k, Outcome::Quarantined, now);
+            }
+            now += Duration::from_secs(1);
+        }
+        // Probes at t0 + 60 s and t0 + 120 s (the window ends before 180 s).
+        assert_eq!(calls, 2, "one probe per quarantine interval");
+        // A successful probe lifts the quarantine: the backlog flows again.
+        let probe_at = t0 + QUARANTINE * 3;
+        let (k, _) = q.pop(probe_at).unwrap();
+        q.done(
+            &k,
+            Outcome::Success {
+                requeue_after: None,
+            },
+            probe_at,
+        );
+        assert!(!q.is_quarantined("a"));
+        assert!(q.pop(probe_at).is_some() && q.pop(probe_at).is_some());
+    }
+
+    #[test]
+    fn a_new_version_lifts_quarantine_and_backoff() {
+        let now = Instant::now();
+        let mut q = core(&[("a", 4)]);
         q.add(key("a", "x"), "event");
-        let (k, _) = q.pop().unwrap();
+        q.add(key("a", "y"), "event");
+        let (k, _) = q.pop(now).unwrap();
         q.done(&k, Outcome::Quarantined, now);
-        assert_eq!(q.next_due(now), Some(crate::grant::QUARANTINE_BACKOFF));
-        // A new version re-adds every key at once.
-        q.add(key("a", "x"), "plugin loaded");
-        assert!(q.pop().is_some());
+        assert!(q.pop(now).is_none());
+        q.reset_plugin("a");
+        assert!(!q.is_quarantined("a"));
+        let got: HashSet<_> = [q.pop(now).unwrap().0, q.pop(now).unwrap().0]
+            .into_iter()
+            .collect();
+        assert_eq!(got, HashSet::from([key("a", "x"), key("a", "y")]));
     }
 
     #[test]
@@ -456,7 +611,7 @@ mod tests {
         q.add_at(k.clone(), now + Duration::from_secs(5), "requeue");
         assert_eq!(q.next_due(now), Some(Duration::from_secs(2)));
         q.promote_due(now + Duration::from_secs(2));
-        assert_eq!(q.pop(), Some((k.clone(), "requeue")));
+        assert_eq!(q.pop(Instant::now()), Some((k.clone(), "requeue")));
         // An immediate add replaces a pending delayed entry.
         q.done(
             &k,
@@ -467,7 +622,7 @@ mod tests {
         );
         q.add(k.clone(), "event");
         assert!(q.next_due(now).is_none());
-        assert_eq!(q.pop(), Some((k, "event")));
+        assert_eq!(q.pop(Instant::now()), Some((k, "event")));
     }
 
     #[test]
@@ -476,9 +631,9 @@ mod tests {
         for n in 0..5 {
             q.add(key("a", &n.to_string()), "event");
         }
-        assert!(q.pop().is_some());
-        assert!(q.pop().is_some());
-        assert!(q.pop().is_none(), "cap of 2 reached");
+        assert!(q.pop(Instant::now()).is_some());
+        assert!(q.pop(Instant::now()).is_some());
+        assert!(q.pop(Instant::now()).is_none(), "cap of 2 reached");
         q.done(
             &key("a", "0"),
             Outcome::Success {
@@ -486,7 +641,7 @@ mod tests {
             },
             Instant::now(),
         );
-        assert!(q.pop().is_some());
+        assert!(q.pop(Instant::now()).is_some());
     }
 
     #[test]
@@ -499,7 +654,7 @@ mod tests {
             q.add(key("small", &n.to_string()), "event");
         }
         let first: Vec<_> = (0..6)
-            .map(|_| q.pop().unwrap().0.plugin.to_string())
+            .map(|_| q.pop(Instant::now()).unwrap().0.plugin.to_string())
             .collect();
         assert_eq!(
             first.iter().filter(|p| *p == "small").count(),
@@ -514,10 +669,13 @@ mod tests {
         q.add(key("a", "x"), "event");
         q.add(key("b", "y"), "event");
         q.remove_plugin("a");
-        assert_eq!(q.pop().unwrap().0, key("b", "y"));
-        assert!(q.pop().is_none());
+        assert_eq!(q.pop(Instant::now()).unwrap().0, key("b", "y"));
+        assert!(q.pop(Instant::now()).is_none());
         q.add(key("a", "x"), "event");
-        assert!(q.pop().is_none(), "unknown plugins' keys are dropped");
+        assert!(
+            q.pop(Instant::now()).is_none(),
+            "unknown plugins' keys are dropped"
+        );
     }
 
     #[test]
@@ -532,7 +690,7 @@ mod tests {
     #[tokio::test]
     async fn async_next_waits_for_delayed_keys() {
         let q = WorkQueue::new();
-        q.with(|c| c.set_plugin(Arc::from("a"), 1));
+        q.with(|c| c.set_plugin(Arc::from("a"), 1, QUARANTINE));
         q.add_after(key("a", "x"), Duration::from_millis(30), "requeue");
         let got = tokio::time::timeout(Duration::from_secs(5), q.next())
             .await

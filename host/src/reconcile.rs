@@ -1,33 +1,39 @@
-//! The reconcile stage: snapshot one parent from the caches, call its plugin in
-//! a fresh sandbox, validate the output, and apply only what changed.
+//! The reconcile stage: snapshot one parent from the caches, call its plugin
+//! in a fresh sandbox, validate the output, plan the writes and hand them to
+//! the plugin's writer.
 //!
-//! Every failure is confined to its key: it is logged, counted, recorded as an
-//! Event on the parent and retried with backoff; an invalid spec marks the
-//! parent `Degraded` instead and waits for the user.
+//! Every failure is confined to its key: it is logged, counted, recorded as
+//! an Event on the parent and retried with backoff; an invalid spec, a
+//! rejected output or a conflicting child marks the parent `Degraded`
+//! instead (and an invalid spec waits for the user).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::api::DynamicObject;
 use kube::{Resource, ResourceExt};
-use serde_json::Value;
 use tracing::Instrument;
 
-use crate::apply::{
-    PLUGIN_VERSION_ANNOTATION, Target, is_subset, needs_apply, owner_reference, prepare_child,
-    upsert_condition,
-};
+use crate::active::ActivePlugin;
+use crate::apply::WriteError;
 use crate::cache::ObjKey;
-use crate::controller::{ActivePlugin, Host, selector_matches};
-use crate::plugin::{Gvk, RelatedMapping};
+use crate::gvk::Gvk;
+use crate::metrics::Metrics;
+use crate::plan::{self, ApplyReason, FINALIZE_POLL, Observed, Plan, PlanError, Write};
+use crate::plugin::runtime::{CallError, wit};
 use crate::queue::{Outcome, QueueKey};
-use crate::runtime::{CallError, wit};
-use crate::validate::{ParentRef, ValidationError, validate_output};
+use crate::tenant::quarantine::Transition;
+use crate::validate::{ParentRef, ValidationError, validate_events, validate_output};
 
-/// How long to wait before asking `finalize` again when it says "not yet"
-/// without a time of its own.
-pub const FINALIZE_POLL: Duration = Duration::from_secs(5);
+/// What a reconcile needs besides the plugin.
+pub struct Context {
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// How long to wait for the caches the plugin reads to list once: a
+    /// cache that cannot list (the kind is forbidden, the server refuses it)
+    /// must not hang every key of the plugin for ever.
+    pub sync_timeout: Duration,
+}
 
 /// Why one reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,13 +49,37 @@ pub enum Failure {
     InvalidSpec(String),
     /// The plugin's output broke the contract; nothing of it was applied.
     #[error("output rejected, nothing applied: {0}")]
-    InvalidOutput(#[from] ValidationError),
-    /// A desired child exists but is controlled by another owner.
+    InvalidOutput(String),
+    /// A desired child exists but this parent does not control it.
     #[error("{0}")]
     Conflict(String),
+    /// The caches the plugin reads have not listed.
+    #[error("the caches of {0} have not synced")]
+    NotSynced(String),
     /// An API write failed.
     #[error("API write failed: {0}")]
-    Api(#[from] kube::Error),
+    Write(#[from] WriteError),
+}
+
+impl From<ValidationError> for Failure {
+    fn from(e: ValidationError) -> Self {
+        Self::InvalidOutput(e.to_string())
+    }
+}
+
+impl From<PlanError> for Failure {
+    fn from(e: PlanError) -> Self {
+        match e {
+            PlanError::Conflict { .. } => Self::Conflict(e.to_string()),
+            PlanError::ClusterScopedChild { .. } => Self::InvalidOutput(e.to_string()),
+        }
+    }
+}
+
+impl From<kube::Error> for Failure {
+    fn from(e: kube::Error) -> Self {
+        Self::Write(WriteError::Api(e))
+    }
 }
 
 impl Failure {
@@ -58,22 +88,38 @@ impl Failure {
             Self::Call(CallError::Timeout(_)) => "timeout",
             Self::Call(CallError::MemoryLimit(_)) => "memory",
             Self::Call(CallError::OutOfFuel(_)) => "fuel",
+            Self::Call(CallError::Instantiate(_)) => "instantiate",
             Self::Call(_) => "trap",
             Self::Plugin(_) => "plugin",
             Self::InvalidSpec(_) => "invalid_spec",
             Self::InvalidOutput(_) => "invalid_output",
             Self::Conflict(_) => "conflict",
-            Self::Api(_) => "api",
+            Self::NotSynced(_) => "not_synced",
+            Self::Write(_) => "api",
         }
     }
 
     /// Whether the plugin itself is to blame (counts towards quarantine),
-    /// as opposed to the cluster (API errors, conflicts) or the user (spec).
+    /// as opposed to the host (no instance slot), the cluster (API errors,
+    /// conflicts, caches) or the user (spec).
     fn is_plugin_fault(&self) -> bool {
-        matches!(
-            self,
-            Self::Call(_) | Self::Plugin(_) | Self::InvalidOutput(_)
-        )
+        match self {
+            Self::Call(e) => e.is_plugin_fault(),
+            Self::Plugin(_) | Self::InvalidOutput(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The `Degraded` reason this failure sets on the parent, if it is one
+    /// the user must see in the status.
+    fn degraded_reason(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidSpec(_) => Some("InvalidSpec"),
+            Self::InvalidOutput(_) => Some("InvalidOutput"),
+            Self::Conflict(_) => Some("ChildConflict"),
+            Self::NotSynced(_) => Some("CacheNotSynced"),
+            _ => None,
+        }
     }
 
     fn event_reason(&self) -> &'static str {
@@ -83,7 +129,16 @@ impl Failure {
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::InvalidOutput(_) => "InvalidOutput",
             Self::Conflict(_) => "ChildConflict",
-            Self::Api(_) => "ApplyFailed",
+            Self::NotSynced(_) => "CacheNotSynced",
+            Self::Write(_) => "ApplyFailed",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Self::InvalidOutput(e) => format!("plugin output rejected, nothing applied: {e}"),
+            Self::InvalidSpec(m) | Self::Conflict(m) => m.clone(),
+            other => other.to_string(),
         }
     }
 }
@@ -96,19 +151,30 @@ pub fn now_rfc3339() -> String {
         .to_string()
 }
 
-/// Reconciles one key and reports how it went.
-pub async fn run(host: &Arc<Host>, key: &QueueKey, trigger: &'static str) -> Outcome {
-    let Some(plugin) = host.plugin(&key.plugin) else {
-        return Outcome::Success {
-            requeue_after: None,
-        };
-    };
-    plugin.wait_synced().await;
-    let object_key = ObjKey {
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
-    };
-    let Some(parent) = plugin.parent.get(&object_key) else {
+/// Reconciles one key of `plugin` and reports how it went.
+pub async fn run(
+    plugin: &ActivePlugin,
+    ctx: &Context,
+    key: &QueueKey,
+    trigger: &'static str,
+) -> Outcome {
+    let name = &*key.plugin;
+    if tokio::time::timeout(ctx.sync_timeout, plugin.wait_synced())
+        .await
+        .is_err()
+    {
+        let kinds: Vec<String> = plugin.unsynced().iter().map(Gvk::to_string).collect();
+        let failure = Failure::NotSynced(kinds.join(", "));
+        ctx.metrics.cache_sync_timeout(name);
+        tracing::warn!(plugin = %name, object = %key, kinds = ?kinds, timeout = ?ctx.sync_timeout, "caches did not sync in time; the key backs off");
+        if plugin.parent.is_synced()
+            && let Some(parent) = plugin.parent_at(key)
+        {
+            report(plugin, &parent, &failure).await;
+        }
+        return Outcome::Failure;
+    }
+    let Some(parent) = plugin.parent_at(key) else {
         // Deleted: the garbage collector removes its children.
         return Outcome::Success {
             requeue_after: None,
@@ -120,125 +186,91 @@ pub async fn run(host: &Arc<Host>, key: &QueueKey, trigger: &'static str) -> Out
         .allows_namespace(parent.metadata.namespace.as_deref())
     {
         // Outside the plugin's grant: the plugin may not act here at all.
-        tracing::debug!(plugin = %key.plugin, object = %key, "parent outside the plugin's granted namespaces");
-        host.metrics.reconciled(&key.plugin, "outside_grant", 0.0);
+        tracing::debug!(plugin = %name, object = %key, "parent outside the plugin's granted namespaces");
+        ctx.metrics.reconciled(name, "outside_grant", 0.0);
         return Outcome::Success {
             requeue_after: None,
         };
     }
     let span = tracing::info_span!(
         "reconcile",
-        plugin = %key.plugin,
+        plugin = %name,
         version = %plugin.info().version,
         object = %key,
         trigger,
     );
     let started = Instant::now();
-    let result = reconcile_parent(host, &plugin, &parent, trigger)
+    let result = reconcile_parent(plugin, &parent, trigger)
         .instrument(span.clone())
         .await;
     let seconds = started.elapsed().as_secs_f64();
-    let name = &*key.plugin;
+    let dropped = plugin.loaded.take_dropped_log_lines();
+    if dropped > 0 {
+        ctx.metrics.plugin_log_dropped(name, dropped);
+    }
     match result {
         Ok(requeue_after) => {
-            plugin.record_success(&host.metrics);
-            host.metrics.reconciled(name, "success", seconds);
+            if plugin.quarantine.success() == Transition::Lifted {
+                ctx.metrics.set_quarantined(name, false);
+                tracing::info!(parent: &span, "quarantine lifted: a reconcile succeeded");
+            }
+            ctx.metrics.reconciled(name, "success", seconds);
             tracing::debug!(parent: &span, seconds, "reconciled");
             Outcome::Success { requeue_after }
         }
         Err(failure) => {
-            host.metrics.reconciled(name, "error", seconds);
-            host.metrics.reconcile_error(name, failure.reason());
-            let quarantined = failure.is_plugin_fault() && plugin.record_failure(&host.metrics);
+            ctx.metrics.reconciled(name, "error", seconds);
+            ctx.metrics.reconcile_error(name, failure.reason());
+            if failure.is_plugin_fault() && plugin.quarantine.failure() == Transition::Quarantined {
+                ctx.metrics.set_quarantined(name, true);
+                tracing::error!(
+                    parent: &span,
+                    failures = plugin.quarantine.streak(),
+                    interval = ?plugin.loaded.grant.quarantine_interval,
+                    "plugin quarantined after consecutive failures; it is called once per interval until a call succeeds or a new version is loaded"
+                );
+            }
             if let Failure::Call(e) = &failure {
-                host.metrics.wasm_trap(name, failure.reason());
+                ctx.metrics.wasm_trap(name, failure.reason());
                 tracing::warn!(parent: &span, error = %e, seconds, "plugin call failed");
             } else {
                 tracing::warn!(parent: &span, error = %failure, "reconcile failed");
             }
-            let now = now_rfc3339();
-            let degraded = match &failure {
-                Failure::InvalidSpec(m) => Some(("InvalidSpec", m.clone())),
-                Failure::InvalidOutput(e) => Some((
-                    "InvalidOutput",
-                    format!("plugin output rejected, nothing applied: {e}"),
-                )),
-                _ => None,
-            };
-            let mut record_event = true;
-            if let Some((reason, message)) = degraded {
-                match mark_degraded(host, &plugin, &parent, reason, &message, &now).await {
-                    // Unchanged Degraded condition: already reported.
-                    Ok(false) => record_event = false,
-                    Ok(true) => {}
-                    Err(e) => {
-                        tracing::warn!(parent: &span, error = %e, "could not mark the parent Degraded")
-                    }
-                }
-            }
-            if record_event {
-                plugin.write_permit(&host.metrics).await;
-                host.writer
-                    .event(
-                        name,
-                        &parent,
-                        &plugin.parent.resource,
-                        true,
-                        failure.event_reason(),
-                        &failure.to_string(),
-                    )
-                    .await;
-            }
+            report(plugin, &parent, &failure).await;
             match failure {
                 // The user must change the spec; the next resync looks again.
                 Failure::InvalidSpec(_) => Outcome::Success {
                     requeue_after: None,
                 },
-                _ if quarantined => Outcome::Quarantined,
+                _ if failure.is_plugin_fault() && plugin.quarantine.is_quarantined() => {
+                    Outcome::Quarantined
+                }
                 _ => Outcome::Failure,
             }
         }
     }
 }
 
-/// Writes `Degraded=True` with `reason` into the parent's status. Returns
-/// whether anything was written.
-async fn mark_degraded(
-    host: &Host,
-    plugin: &ActivePlugin,
-    parent: &DynamicObject,
-    reason: &str,
-    message: &str,
-    now: &str,
-) -> Result<bool, kube::Error> {
-    let current = parent.data.get("status").cloned().unwrap_or(Value::Null);
-    let mut status = current.clone();
-    upsert_condition(
-        &mut status,
-        "Degraded",
-        true,
-        reason,
-        message,
-        parent.meta().generation,
-        now,
-    );
-    if is_subset(&status, &current) {
-        return Ok(false);
-    }
-    let target = parent_target(plugin, parent);
-    plugin.write_permit(&host.metrics).await;
-    host.writer
-        .apply_status(plugin.info(), &target, &status)
-        .await?;
-    Ok(true)
-}
-
-fn parent_target<'a>(plugin: &'a ActivePlugin, parent: &'a DynamicObject) -> Target<'a> {
-    Target {
-        resource: &plugin.parent.resource,
-        gvk: &plugin.info().parent,
-        namespace: parent.metadata.namespace.as_deref(),
-        name: parent.metadata.name.as_deref().unwrap_or_default(),
+/// Tells the user about a failure on the parent: `Degraded=True` (once per
+/// change, with one Warning event) for the failures a user must act on or
+/// see, a Warning event for the others.
+async fn report(plugin: &ActivePlugin, parent: &DynamicObject, failure: &Failure) {
+    let plan = match failure.degraded_reason() {
+        Some(reason) => plan::degraded(parent, reason, &failure.message(), &now_rfc3339()),
+        None => Plan {
+            writes: vec![Write::Event(crate::validate::EventOut::warning(
+                failure.event_reason(),
+                &failure.message(),
+            ))],
+            requeue_after: None,
+        },
+    };
+    // Each on its own: a parent kind without a status subresource still
+    // gets the event.
+    for write in &plan.writes {
+        if let Err(e) = plugin.writer.write(parent, write).await {
+            tracing::warn!(plugin = %plugin.info().name, error = %e, "could not report the failure on the parent");
+        }
     }
 }
 
@@ -249,72 +281,23 @@ pub fn observed_children(plugin: &ActivePlugin, parent: &DynamicObject) -> Vec<A
         .children
         .iter()
         .flat_map(|cache| cache.owned_by(&uid))
-        .filter(|child| {
-            child
-                .owner_references()
-                .iter()
-                .any(|o| o.uid == uid && o.controller == Some(true))
-        })
+        .filter(|child| plan::controlled_by(child, &uid))
         .collect()
-}
-
-/// The related objects of `parent`, per the plugin's declared mappings.
-pub fn observed_related(
-    plugin: &ActivePlugin,
-    parent: &DynamicObject,
-    children: &[Arc<DynamicObject>],
-) -> Vec<Arc<DynamicObject>> {
-    let mut out = Vec::new();
-    let namespace = parent.namespace();
-    for (cache, mapping) in &plugin.related {
-        match mapping {
-            RelatedMapping::OwnedByChild => {
-                for child in children {
-                    out.extend(cache.owned_by(&child.uid().unwrap_or_default()));
-                }
-            }
-            RelatedMapping::LabelSelectorFromParent(pointer) => {
-                let parent_json = crate::apply::object_json(parent);
-                let candidates = match &namespace {
-                    Some(ns) => cache.in_namespace(ns),
-                    None => cache.list(),
-                };
-                out.extend(
-                    candidates
-                        .into_iter()
-                        .filter(|o| selector_matches(&parent_json, pointer, o.labels())),
-                );
-            }
-            RelatedMapping::AllInNamespace => match &namespace {
-                Some(ns) => out.extend(cache.in_namespace(ns)),
-                None => out.extend(cache.list()),
-            },
-            RelatedMapping::AllInCluster => out.extend(cache.list()),
-        }
-    }
-    out
 }
 
 fn to_json(object: &DynamicObject) -> String {
     serde_json::to_string(object).unwrap_or_else(|_| "{}".into())
 }
 
-async fn reconcile_parent(
-    host: &Host,
+/// What the plugin is shown for `parent`: its children and related objects
+/// from the caches, and the call's context. Returns the children too.
+fn snapshot(
     plugin: &ActivePlugin,
     parent: &DynamicObject,
-    trigger: &'static str,
-) -> Result<Option<Duration>, Failure> {
-    let info = plugin.info();
-    let target = parent_target(plugin, parent);
-    let finalizer = info.finalizer_name();
-    let has_finalizer = parent.finalizers().contains(&finalizer);
-    let deleting = parent.meta().deletion_timestamp.is_some();
-    if deleting && !(info.finalizer && has_finalizer) {
-        return Ok(None);
-    }
+    trigger: &str,
+) -> (Vec<Arc<DynamicObject>>, wit::Observed) {
     let children = observed_children(plugin, parent);
-    let related = observed_related(plugin, parent, &children);
+    let related = crate::related::objects_of(plugin, parent, &children);
     let input = wit::Observed {
         parent: to_json(parent),
         children: children.iter().map(|c| to_json(c)).collect(),
@@ -324,151 +307,7 @@ async fn reconcile_parent(
             trigger: trigger.to_owned(),
         },
     };
-    let loaded = plugin.loaded.clone();
-
-    if deleting {
-        let finalized = tokio::task::spawn_blocking(move || loaded.finalize(&input))
-            .await
-            .map_err(|e| CallError::Trap(format!("plugin worker panicked: {e}")))??
-            .map_err(plugin_error)?;
-        for e in &finalized.events {
-            record(host, plugin, parent, e).await;
-        }
-        if finalized.done {
-            plugin.write_permit(&host.metrics).await;
-            host.writer.set_finalizer(info, &target, false).await?;
-            return Ok(None);
-        }
-        return Ok(Some(
-            finalized
-                .requeue_after_ms
-                .map_or(FINALIZE_POLL, Duration::from_millis),
-        ));
-    }
-
-    if info.finalizer && !has_finalizer {
-        plugin.write_permit(&host.metrics).await;
-        host.writer.set_finalizer(info, &target, true).await?;
-    }
-
-    let desired = tokio::task::spawn_blocking(move || loaded.reconcile(&input))
-        .await
-        .map_err(|e| CallError::Trap(format!("plugin worker panicked: {e}")))??
-        .map_err(plugin_error)?;
-
-    let namespace = parent.namespace();
-    let parent_ref = ParentRef {
-        namespace: namespace.as_deref(),
-        name: target.name,
-    };
-    let namespaced = |g: &Gvk| plugin.children.iter().any(|c| &c.gvk == g && c.namespaced);
-    let (wanted, status) = validate_output(
-        info,
-        &plugin.loaded.grant,
-        &parent_ref,
-        &desired.children,
-        desired.status.as_deref(),
-    )?;
-    if let Some(child) = wanted
-        .iter()
-        .find(|c| namespace.is_some() && !namespaced(&c.gvk))
-    {
-        return Err(ValidationError::ClusterScopedChild {
-            gvk: child.gvk.clone(),
-            name: child.name.clone(),
-        }
-        .into());
-    }
-
-    // Check every child before writing any, so a conflict applies nothing.
-    let owner = owner_reference(&info.parent, parent);
-    let parent_uid = parent.uid().unwrap_or_default();
-    let mut plan = Vec::with_capacity(wanted.len());
-    for child in wanted {
-        let cache = plugin
-            .children
-            .iter()
-            .find(|c| c.gvk == child.gvk)
-            .expect("validated kinds are declared");
-        let child_ns = if cache.namespaced {
-            namespace.clone()
-        } else {
-            None
-        };
-        let cached = cache.get(&ObjKey {
-            namespace: child_ns.clone(),
-            name: child.name.clone(),
-        });
-        if let Some(existing) = &cached
-            && let Some(other) = existing
-                .owner_references()
-                .iter()
-                .find(|o| o.controller == Some(true) && o.uid != parent_uid)
-        {
-            return Err(Failure::Conflict(format!(
-                "{} {:?} already exists, controlled by {} {:?}",
-                child.gvk, child.name, other.kind, other.name
-            )));
-        }
-        let body = prepare_child(child.object, child_ns.as_deref(), &owner, info);
-        plan.push((cache, child.gvk, child.name, child_ns, body, cached));
-    }
-
-    let mut keep = HashSet::new();
-    for (cache, gvk, name, child_ns, body, cached) in &plan {
-        keep.insert((gvk.clone(), name.clone()));
-        if needs_apply(body, cached.as_deref()) {
-            let t = Target {
-                resource: &cache.resource,
-                gvk,
-                namespace: child_ns.as_deref(),
-                name,
-            };
-            plugin.write_permit(&host.metrics).await;
-            host.writer.apply(info, &t, body).await?;
-        }
-    }
-    for child in &children {
-        let Some(gvk) = Gvk::of_object(&crate::apply::object_json(child)) else {
-            continue;
-        };
-        if keep.contains(&(gvk.clone(), child.name_any())) {
-            continue;
-        }
-        let Some(cache) = plugin.children.iter().find(|c| c.gvk == gvk) else {
-            continue;
-        };
-        let child_ns = child.namespace();
-        let name = child.name_any();
-        let t = Target {
-            resource: &cache.resource,
-            gvk: &gvk,
-            namespace: child_ns.as_deref(),
-            name: &name,
-        };
-        plugin.write_permit(&host.metrics).await;
-        host.writer
-            .delete(info, &t, &child.uid().unwrap_or_default())
-            .await?;
-    }
-    if let Some(status) = status {
-        let current = parent.data.get("status").cloned().unwrap_or(Value::Null);
-        if !is_subset(&status, &current) {
-            plugin.write_permit(&host.metrics).await;
-            host.writer.apply_status(info, &target, &status).await?;
-        }
-    }
-    for e in &desired.events {
-        record(host, plugin, parent, e).await;
-    }
-    let version = format!("{}@{}", info.name, info.version);
-    if parent.annotations().get(PLUGIN_VERSION_ANNOTATION) != Some(&version) {
-        plugin.write_permit(&host.metrics).await;
-        host.writer
-            .set_version_annotation(info, &target, &version)
-            .await?;
-    }
-    Ok(desired.requeue_after_ms.map(Duration::from_millis))
+    (children, input)
 }
 
 fn plugin_error(e: wit::ReconcileError) -> Failure {
@@ -479,17 +318,165 @@ fn plugin_error(e: wit::ReconcileError) -> Failure {
     }
 }
 
-async fn record(host: &Host, plugin: &ActivePlugin, parent: &DynamicObject, e: &wit::Event) {
-    let warning = matches!(e.event_type, wit::EventType::Warning);
-    plugin.write_permit(&host.metrics).await;
-    host.writer
-        .event(
-            &plugin.info().name,
+async fn reconcile_parent(
+    plugin: &ActivePlugin,
+    parent: &DynamicObject,
+    trigger: &'static str,
+) -> Result<Option<Duration>, Failure> {
+    let info = plugin.info();
+    let grant = &plugin.loaded.grant;
+    let writer = &plugin.writer;
+    let has_finalizer = plan::has_finalizer(info, parent);
+    let deleting = parent.meta().deletion_timestamp.is_some();
+    if deleting && !has_finalizer {
+        return Ok(None);
+    }
+    if deleting && !info.finalizer {
+        // An earlier version held the finalizer; this one has nothing to
+        // clean up, so the parent may go.
+        writer.set_finalizer(parent, false).await?;
+        return Ok(None);
+    }
+    let (children, input) = snapshot(plugin, parent, trigger);
+
+    if deleting {
+        let finalized = plugin
+            .loaded
+            .finalize(&input)
+            .await?
+            .map_err(plugin_error)?;
+        for e in validate_events(grant, finalized.events)? {
+            writer.event(parent, &e).await;
+        }
+        if finalized.done {
+            writer.set_finalizer(parent, false).await?;
+            return Ok(None);
+        }
+        return Ok(Some(
+            finalized
+                .requeue_after_ms
+                .map_or(FINALIZE_POLL, Duration::from_millis),
+        ));
+    }
+
+    let desired = plugin
+        .loaded
+        .reconcile(&input)
+        .await?
+        .map_err(plugin_error)?;
+    let namespace = parent.namespace();
+    let parent_ref = ParentRef {
+        namespace: namespace.as_deref(),
+        name: parent.metadata.name.as_deref().unwrap_or_default(),
+    };
+    let output = validate_output(info, grant, &parent_ref, desired)?;
+    let cached = |gvk: &Gvk, ns: Option<&str>, name: &str| {
+        plugin
+            .children
+            .iter()
+            .find(|c| &c.gvk == gvk)
+            .and_then(|c| {
+                c.get(&ObjKey {
+                    namespace: ns.map(str::to_owned),
+                    name: name.to_owned(),
+                })
+            })
+    };
+    let namespaced = |gvk: &Gvk| {
+        plugin
+            .children
+            .iter()
+            .any(|c| &c.gvk == gvk && c.namespaced)
+    };
+    let now = now_rfc3339();
+    let mut plan = {
+        let seen = Observed {
+            info,
+            grant,
             parent,
-            &plugin.parent.resource,
-            warning,
-            &e.reason,
-            &e.message,
-        )
-        .await;
+            children: &children,
+            cached: &cached,
+            namespaced: &namespaced,
+            now: &now,
+        };
+        plan::reconcile(&seen, output)?
+    };
+    preflight(plugin, parent, &mut plan).await?;
+    writer.execute(parent, &plan).await?;
+    tracing::trace!(writes = plan.writes.len(), "applied");
+    Ok(plan.requeue_after)
+}
+
+/// Before anything is written: a child the caches do not hold may still
+/// exist (the children caches hold only objects labelled for a plugin), so
+/// each one about to be created is read from the API server. One that this
+/// parent does not control is a conflict (the host never adopts); one it
+/// does control (a cache behind) is compared as usual.
+async fn preflight(
+    plugin: &ActivePlugin,
+    parent: &DynamicObject,
+    plan: &mut Plan,
+) -> Result<(), Failure> {
+    let uid = parent.uid().unwrap_or_default();
+    let mut keep = Vec::with_capacity(plan.writes.len());
+    for write in plan.writes.drain(..) {
+        if let Write::Apply {
+            gvk,
+            namespace,
+            name,
+            body,
+            reason: ApplyReason::Missing,
+        } = &write
+            && let Some(existing) = plugin
+                .writer
+                .get_child(gvk, namespace.as_deref(), name)
+                .await?
+        {
+            if !plan::controlled_by(&existing, &uid) {
+                return Err(PlanError::Conflict {
+                    gvk: gvk.clone(),
+                    name: name.clone(),
+                    owner: existing
+                        .owner_references()
+                        .iter()
+                        .find(|o| o.controller == Some(true))
+                        .map(|o| format!(", but by {} {:?}", o.kind, o.name))
+                        .unwrap_or_default(),
+                }
+                .into());
+            }
+            if plan::needs_apply(body, Some(&existing)).is_none() {
+                continue;
+            }
+        }
+        keep.push(write);
+    }
+    plan.writes = keep;
+    Ok(())
+}
+
+/// Lets go of a parent of a plugin that is being unloaded: a parent being
+/// deleted gets the plugin's `finalize` once (its answer cannot hold the
+/// parent any more: nothing would ever call it again), then the host's
+/// finalizer is removed so the parent can go.
+pub async fn release(plugin: &ActivePlugin, parent: &DynamicObject) {
+    let info = plugin.info();
+    if parent.meta().deletion_timestamp.is_some() && info.finalizer {
+        let (_, input) = snapshot(plugin, parent, "plugin unloaded");
+        match plugin.loaded.finalize(&input).await {
+            Ok(Ok(f)) if f.done => {}
+            Ok(Ok(_)) => {
+                tracing::warn!(plugin = %info.name, object = %parent.name_any(), "finalize was not done, but the plugin is unloaded: releasing the parent")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(plugin = %info.name, object = %parent.name_any(), error = ?e, "finalize failed, but the plugin is unloaded: releasing the parent")
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %info.name, object = %parent.name_any(), error = %e, "finalize call failed, but the plugin is unloaded: releasing the parent")
+            }
+        }
+    }
+    if let Err(e) = plugin.writer.set_finalizer(parent, false).await {
+        tracing::warn!(plugin = %info.name, object = %parent.name_any(), error = %e, "could not release the host's finalizer");
+    }
 }

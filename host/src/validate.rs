@@ -1,24 +1,84 @@
 //! Checks a plugin's output before anything of it is applied. One bad object
 //! rejects the whole output: nothing is half-applied.
+//!
+//! Besides shape, names and namespaces, the checks close side channels: the
+//! number and size of events count against the output limits and their
+//! reasons must be UpperCamelCase; children may not carry finalizers unless
+//! granted; labels and annotations under `kuwa.dev/` are the host's.
 
 // A rejection is the cold path and its error names the offending object; boxing
 // it would only add noise.
 #![allow(clippy::result_large_err)]
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::grant::Grant;
-use crate::plugin::{Gvk, PluginInfo};
+use crate::gvk::Gvk;
+use crate::plugin::info::PluginInfo;
+use crate::plugin::runtime::{truncate, wit};
+use crate::tenant::grant::Grant;
+use crate::tenant::limits::MAX_EVENT_MESSAGE_BYTES;
 
-/// Most children one reconcile may return.
-pub const MAX_CHILDREN: usize = 256;
+/// Longest event reason (the API server's limit for `reason` is 128).
+pub const MAX_EVENT_REASON: usize = 128;
 
-/// Most bytes of JSON one reconcile may return (children and status). The API
-/// server refuses objects over ~1.5 MiB; a few MiB in total leaves room for
-/// several large children while stopping a runaway plugin early.
-pub const MAX_OUTPUT_BYTES: usize = 4 << 20;
+/// An event to record on the parent, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventOut {
+    /// Warning (true) or Normal.
+    pub warning: bool,
+    /// UpperCamelCase reason.
+    pub reason: String,
+    /// Message, at most [`MAX_EVENT_MESSAGE_BYTES`].
+    pub message: String,
+}
+
+impl EventOut {
+    /// A Warning event from the host.
+    pub fn warning(reason: &str, message: &str) -> Self {
+        let mut message = message.to_owned();
+        truncate(&mut message, MAX_EVENT_MESSAGE_BYTES);
+        Self {
+            warning: true,
+            reason: reason.to_owned(),
+            message,
+        }
+    }
+
+    /// `Warning` or `Normal`.
+    pub fn kind(&self) -> &'static str {
+        if self.warning { "Warning" } else { "Normal" }
+    }
+}
+
+/// A plugin's output that passed every check.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// The children, in order.
+    pub children: Vec<Child>,
+    /// The status, if the plugin set one.
+    pub status: Option<Value>,
+    /// Events to record.
+    pub events: Vec<EventOut>,
+    /// Look again after this long.
+    pub requeue_after: Option<Duration>,
+}
+
+/// Whether `reason` is an UpperCamelCase machine-readable reason.
+pub fn is_event_reason(reason: &str) -> bool {
+    reason.len() <= MAX_EVENT_REASON
+        && reason.starts_with(|c: char| c.is_ascii_uppercase())
+        && reason.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// Whether a label or annotation key is in the host's own prefix,
+/// `kuwa.dev/` (the plugin label, the desired-hash annotation, ...).
+pub fn is_host_key(key: &str) -> bool {
+    key.split_once('/')
+        .is_some_and(|(prefix, _)| prefix == "kuwa.dev")
+}
 
 /// The parent a reconcile was for.
 #[derive(Debug, Clone)]
@@ -106,18 +166,42 @@ pub enum ValidationError {
         /// The limit.
         limit: usize,
     },
-    /// A namespaced parent returned a child of a cluster-scoped kind, which
-    /// it cannot own.
-    #[error("child {gvk} {name:?} is cluster-scoped; a namespaced parent cannot own it")]
-    ClusterScopedChild {
+    /// The status is not a JSON object.
+    #[error("status is not a JSON object")]
+    StatusNotAnObject,
+    /// Too many events.
+    #[error("{count} events returned; at most {limit} allowed")]
+    TooManyEvents {
+        /// How many.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// An event reason is not UpperCamelCase alphanumerics.
+    #[error("event reason {0:?} is not UpperCamelCase letters and digits (at most 128)")]
+    BadEventReason(String),
+    /// A child carries finalizers, which the grant does not allow.
+    #[error(
+        "child {gvk} {name:?} carries finalizers, which the plugin's grant does not allow (childFinalizers)"
+    )]
+    ChildFinalizers {
         /// The child's kind.
         gvk: Gvk,
         /// The name.
         name: String,
     },
-    /// The status is not a JSON object.
-    #[error("status is not a JSON object")]
-    StatusNotAnObject,
+    /// A child sets a label or annotation in the host's `kuwa.dev` prefix.
+    #[error(
+        "child {gvk} {name:?} sets {key:?}: labels and annotations under kuwa.dev/ are the host's"
+    )]
+    HostKey {
+        /// The child's kind.
+        gvk: Gvk,
+        /// The name.
+        name: String,
+        /// The key.
+        key: String,
+    },
 }
 
 /// True for a DNS-1123 subdomain: lowercase alphanumerics, '-' and '.',
@@ -146,30 +230,66 @@ pub struct Child {
     pub object: Value,
 }
 
-/// Parses and checks the children and status a plugin returned for `parent`.
+/// Checks the events a plugin asked for: how many, and their reasons.
+/// Messages over [`MAX_EVENT_MESSAGE_BYTES`] are cut.
+pub fn validate_events(
+    grant: &Grant,
+    events: Vec<wit::Event>,
+) -> Result<Vec<EventOut>, ValidationError> {
+    if events.len() > grant.output.max_events {
+        return Err(ValidationError::TooManyEvents {
+            count: events.len(),
+            limit: grant.output.max_events,
+        });
+    }
+    events
+        .into_iter()
+        .map(|e| {
+            if !is_event_reason(&e.reason) {
+                return Err(ValidationError::BadEventReason(e.reason));
+            }
+            let mut message = e.message;
+            truncate(&mut message, MAX_EVENT_MESSAGE_BYTES);
+            Ok(EventOut {
+                warning: matches!(e.event_type, wit::EventType::Warning),
+                reason: e.reason,
+                message,
+            })
+        })
+        .collect()
+}
+
+/// Parses and checks everything a plugin returned for `parent`.
 pub fn validate_output(
     info: &PluginInfo,
     grant: &Grant,
     parent: &ParentRef<'_>,
-    children: &[String],
-    status: Option<&str>,
-) -> Result<(Vec<Child>, Option<Value>), ValidationError> {
-    let bytes = children.iter().map(String::len).sum::<usize>() + status.map_or(0, str::len);
-    if bytes > grant.max_output_bytes {
+    desired: wit::Desired,
+) -> Result<Output, ValidationError> {
+    let limits = &grant.output;
+    let event_bytes: usize = desired
+        .events
+        .iter()
+        .map(|e| e.reason.len() + e.message.len())
+        .sum();
+    let bytes = desired.children.iter().map(String::len).sum::<usize>()
+        + desired.status.as_deref().map_or(0, str::len)
+        + event_bytes;
+    if bytes > limits.max_output_bytes {
         return Err(ValidationError::TooLarge {
             bytes,
-            limit: grant.max_output_bytes,
+            limit: limits.max_output_bytes,
         });
     }
-    if children.len() > grant.max_children {
+    if desired.children.len() > limits.max_children {
         return Err(ValidationError::TooManyChildren {
-            count: children.len(),
-            limit: grant.max_children,
+            count: desired.children.len(),
+            limit: limits.max_children,
         });
     }
     let mut seen = HashSet::new();
-    let mut out = Vec::with_capacity(children.len());
-    for (index, text) in children.iter().enumerate() {
+    let mut children = Vec::with_capacity(desired.children.len());
+    for (index, text) in desired.children.iter().enumerate() {
         let object: Value =
             serde_json::from_str(text).map_err(|e| ValidationError::NotAnObject {
                 index,
@@ -195,7 +315,8 @@ pub fn validate_output(
         if !is_dns_subdomain(&name) {
             return Err(ValidationError::InvalidName { gvk, name });
         }
-        if let Some(ns) = object["metadata"].get("namespace").and_then(Value::as_str)
+        let meta = &object["metadata"];
+        if let Some(ns) = meta.get("namespace").and_then(Value::as_str)
             && Some(ns) != parent.namespace
         {
             return Err(ValidationError::WrongNamespace {
@@ -205,18 +326,46 @@ pub fn validate_output(
                 parent: parent.namespace.unwrap_or_default().to_owned(),
             });
         }
+        let finalizers = meta
+            .get("finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
+        if finalizers && !grant.child_finalizers {
+            return Err(ValidationError::ChildFinalizers { gvk, name });
+        }
+        for field in ["labels", "annotations"] {
+            if let Some(key) = meta
+                .get(field)
+                .and_then(Value::as_object)
+                .and_then(|m| m.keys().find(|k| is_host_key(k)))
+            {
+                return Err(ValidationError::HostKey {
+                    gvk,
+                    name,
+                    key: key.clone(),
+                });
+            }
+        }
         if !seen.insert((gvk.clone(), name.clone())) {
             return Err(ValidationError::Duplicate { gvk, name });
         }
-        out.push(Child { gvk, name, object });
+        children.push(Child { gvk, name, object });
     }
-    let status = status
+    let status = desired
+        .status
+        .as_deref()
         .map(|s| match serde_json::from_str::<Value>(s) {
             Ok(v @ Value::Object(_)) => Ok(v),
             _ => Err(ValidationError::StatusNotAnObject),
         })
         .transpose()?;
-    Ok((out, status))
+    let events = validate_events(grant, desired.events)?;
+    Ok(Output {
+        children,
+        status,
+        events,
+        requeue_after: desired.requeue_after_ms.map(Duration::from_millis),
+    })
 }
 
 #[cfg(test)]
@@ -224,7 +373,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::plugin::{Gvk, PluginInfo};
+    use crate::tenant::limits::{DEFAULT_MAX_CHILDREN, DEFAULT_MAX_OUTPUT_BYTES};
 
     fn info() -> PluginInfo {
         let mut i = PluginInfo::placeholder();
@@ -240,13 +389,33 @@ mod tests {
         name: "web",
     };
 
+    fn desired(children: &[Value]) -> wit::Desired {
+        wit::Desired {
+            children: children.iter().map(Value::to_string).collect(),
+            status: None,
+            requeue_after_ms: None,
+            events: Vec::new(),
+        }
+    }
+
+    fn run(grant: &Grant, d: wit::Desired) -> Result<Output, ValidationError> {
+        validate_output(&info(), grant, &PARENT, d)
+    }
+
     fn check(children: &[Value]) -> Result<Vec<Child>, ValidationError> {
-        let texts: Vec<String> = children.iter().map(Value::to_string).collect();
-        validate_output(&info(), &Grant::default(), &PARENT, &texts, None).map(|(c, _)| c)
+        run(&Grant::default(), desired(children)).map(|o| o.children)
     }
 
     fn cm(name: &str) -> Value {
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}})
+    }
+
+    fn event(reason: &str, message: &str) -> wit::Event {
+        wit::Event {
+            event_type: wit::EventType::Normal,
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
 
     #[test]
@@ -265,25 +434,15 @@ mod tests {
             child_kinds: Some([Gvk::new("", "v1", "ConfigMap")].into_iter().collect()),
             ..Grant::default()
         };
-        let d = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}})
-            .to_string();
-        let err =
-            validate_output(&info(), &grant, &PARENT, &[cm("a").to_string(), d], None).unwrap_err();
+        let d = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}});
+        let err = run(&grant, desired(&[cm("a"), d])).unwrap_err();
         assert!(
             matches!(err, ValidationError::KindNotGranted { .. }),
             "{err}"
         );
-        let tight = Grant {
-            max_children: 1,
-            ..Grant::default()
-        };
-        let err = validate_output(
-            &info(),
-            &tight,
-            &PARENT,
-            &[cm("a").to_string(), cm("b").to_string()],
-            None,
-        );
+        let mut tight = Grant::default();
+        tight.output.max_children = 1;
+        let err = run(&tight, desired(&[cm("a"), cm("b")]));
         assert!(matches!(
             err,
             Err(ValidationError::TooManyChildren { count: 2, limit: 1 })
@@ -332,33 +491,97 @@ mod tests {
 
     #[test]
     fn rejects_garbage_text() {
-        let err = validate_output(
-            &info(),
-            &Grant::default(),
-            &PARENT,
-            &["{not json".to_owned()],
-            None,
-        )
-        .unwrap_err();
+        let mut d = desired(&[]);
+        d.children = vec!["{not json".to_owned()];
+        let err = run(&Grant::default(), d).unwrap_err();
         assert!(matches!(err, ValidationError::NotAnObject { index: 0, .. }));
-        let err =
-            validate_output(&info(), &Grant::default(), &PARENT, &[], Some("[]")).unwrap_err();
+        let mut d = desired(&[]);
+        d.status = Some("[]".into());
+        let err = run(&Grant::default(), d).unwrap_err();
         assert_eq!(err, ValidationError::StatusNotAnObject);
     }
 
     #[test]
     fn enforces_count_and_size_limits() {
-        let many: Vec<Value> = (0..=MAX_CHILDREN).map(|n| cm(&format!("c{n}"))).collect();
+        let many: Vec<Value> = (0..=DEFAULT_MAX_CHILDREN)
+            .map(|n| cm(&format!("c{n}")))
+            .collect();
         assert!(matches!(
             check(&many),
             Err(ValidationError::TooManyChildren { .. })
         ));
         let mut big = cm("big");
-        big["data"] = json!({"k": "x".repeat(MAX_OUTPUT_BYTES)});
+        big["data"] = json!({"k": "x".repeat(DEFAULT_MAX_OUTPUT_BYTES)});
         assert!(matches!(
             check(&[big]),
             Err(ValidationError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn events_are_limited_in_number_size_and_form() {
+        let mut d = desired(&[cm("a")]);
+        d.events = (0..17).map(|_| event("Spam", "x")).collect();
+        assert!(matches!(
+            run(&Grant::default(), d),
+            Err(ValidationError::TooManyEvents {
+                count: 17,
+                limit: 16
+            })
+        ));
+        for bad in ["not a reason!!", "lowercase", "", "Has-Dash"] {
+            let mut d = desired(&[]);
+            d.events = vec![event(bad, "m")];
+            assert_eq!(
+                run(&Grant::default(), d).unwrap_err(),
+                ValidationError::BadEventReason(bad.into()),
+                "{bad:?}"
+            );
+        }
+        // Event text counts towards the output size.
+        let mut tight = Grant::default();
+        tight.output.max_output_bytes = 100;
+        let mut d = desired(&[]);
+        d.events = vec![event("Big", &"x".repeat(200))];
+        assert!(matches!(
+            run(&tight, d),
+            Err(ValidationError::TooLarge { .. })
+        ));
+        // Long messages are cut, not rejected.
+        let mut d = desired(&[]);
+        d.events = vec![event("Long", &"y".repeat(5000))];
+        let out = run(&Grant::default(), d).unwrap();
+        assert_eq!(out.events[0].message.len(), MAX_EVENT_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn children_may_not_carry_finalizers_or_host_keys() {
+        let mut c = cm("a");
+        c["metadata"]["finalizers"] = json!(["example.com/block"]);
+        assert!(matches!(
+            check(std::slice::from_ref(&c)),
+            Err(ValidationError::ChildFinalizers { .. })
+        ));
+        let granted = Grant {
+            child_finalizers: true,
+            ..Grant::default()
+        };
+        assert!(run(&granted, desired(&[c])).is_ok());
+        for (field, key) in [
+            ("labels", "kuwa.dev/plugin"),
+            ("annotations", "kuwa.dev/desired-hash"),
+        ] {
+            let mut c = cm("a");
+            c["metadata"][field] = json!({key: "webserver"});
+            assert!(
+                matches!(check(&[c]), Err(ValidationError::HostKey { .. })),
+                "{key}"
+            );
+        }
+        let mut c = cm("a");
+        c["metadata"]["labels"] =
+            json!({"notkuwa.dev/x": "1", "test.kuwa.dev/x": "1", "app": "web"});
+        assert!(check(&[c]).is_ok());
     }
 
     #[test]

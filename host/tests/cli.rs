@@ -46,7 +46,7 @@ fn ok_yaml(out: &Output) -> Value {
         "kuwa failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_yaml::from_slice(&out.stdout).expect("kuwa prints YAML")
+    serde_saphyr::from_slice(&out.stdout).expect("kuwa prints YAML")
 }
 
 fn plugin_test(plugin: &str, parent: &str, related: &[PathBuf]) -> Output {
@@ -227,15 +227,12 @@ fn committed_crds_match_the_plugins() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
-    let mut generated = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        generated.push(<Value as serde::Deserialize>::deserialize(doc).unwrap());
-    }
+    let generated: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
     assert_eq!(generated.len(), 3, "one CRD per shipped plugin");
     for crd in generated {
         let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
         let path = workspace().join("deploy/crds").join(format!("{name}.yaml"));
-        let committed: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        let committed: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|_| {
             panic!("{} is missing; regenerate with `kuwa crds --plugins target/plugins --out deploy/crds`", path.display())
         }))
         .unwrap();
@@ -261,4 +258,55 @@ fn run_explains_a_missing_plugins_directory() {
         err.contains("/nonexistent/plugins") && err.contains("not a directory"),
         "{err}"
     );
+}
+
+#[test]
+fn run_refuses_more_reconciles_than_the_instance_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value) in [
+        ("--max-concurrent-reconciles", "65"),
+        ("--max-concurrent-reconciles", "0"),
+        ("--plugin-concurrency", "65"),
+        ("--call-deadline", "2h"),
+    ] {
+        let out = kuwa(&[
+            "run".as_ref(),
+            "--plugins".as_ref(),
+            dir.path().as_os_str(),
+            flag.as_ref(),
+            value.as_ref(),
+        ]);
+        assert!(!out.status.success(), "{flag} {value} must be refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+}
+
+#[test]
+fn plugin_test_prints_the_hosts_plan() {
+    let out = ok_yaml(&plugin_test(
+        "webserver",
+        "deploy/samples/kuwa.dev_v1alpha1_webserver.yaml",
+        &[],
+    ));
+    let plan: Vec<&str> = out["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    // Nothing observed yet: every child is created, the status and the
+    // version annotation are written.
+    assert_eq!(
+        plan.iter().filter(|w| w.ends_with("(missing)")).count(),
+        3,
+        "{plan:?}"
+    );
+    assert!(
+        plan.iter().any(|w| w.starts_with("apply status")),
+        "{plan:?}"
+    );
+    for child in out["children"].as_array().unwrap() {
+        assert_eq!(child["metadata"]["labels"]["kuwa.dev/plugin"], "webserver");
+    }
 }

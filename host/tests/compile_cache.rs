@@ -5,8 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use kuwa_host::loader::load_file;
-use kuwa_host::runtime::{CacheOutcome, Limits, LoadedPlugin, Runtime};
+use kuwa_host::plugin::loader::load_file;
+use kuwa_host::plugin::runtime::{CacheOutcome, LoadedPlugin, Runtime};
+use kuwa_host::tenant::limits::Limits;
 
 fn webserver() -> PathBuf {
     let dir = std::env::var_os("KUWA_PLUGINS_DIR").map_or_else(
@@ -34,22 +35,34 @@ fn cache_entries(root: &Path) -> Vec<PathBuf> {
 
 /// Loads `path` in a new runtime (as a new host process would) using the
 /// compile cache in `cache`.
-fn load_in_fresh_process(cache: &Path, path: &Path) -> LoadedPlugin {
-    load_file(&Runtime::new(Some(cache)).unwrap(), path, Limits::default()).unwrap()
+async fn load_in_fresh_process(cache: &Path, path: &Path) -> LoadedPlugin {
+    load_file(&Runtime::new(Some(cache)).unwrap(), path, Limits::default())
+        .await
+        .unwrap()
 }
 
-#[test]
-fn components_are_compiled_once_and_reused_from_disk() {
+#[tokio::test]
+async fn components_are_compiled_once_and_reused_from_disk() {
     let cache = tempfile::tempdir().unwrap();
     let path = webserver();
 
     let runtime = Runtime::new(Some(cache.path())).unwrap();
-    let first = load_file(&runtime, &path, Limits::default()).unwrap();
+    let first = load_file(&runtime, &path, Limits::default()).await.unwrap();
     assert_eq!(first.cache, CacheOutcome::Compiled);
     // The same file again in the same process: not even read from disk.
-    let again = load_file(&runtime, &path, Limits::default()).unwrap();
+    let again = load_file(&runtime, &path, Limits::default()).await.unwrap();
     assert_eq!(again.cache, CacheOutcome::Memory);
     assert_eq!(again.sha256, first.sha256);
+    assert_eq!(runtime.compiled_components(), 1);
+    // Once no loaded version uses the component, it leaves memory.
+    drop((first, again));
+    assert_eq!(runtime.compiled_components(), 0);
+    let first = load_file(&runtime, &path, Limits::default()).await.unwrap();
+    assert_eq!(
+        first.cache,
+        CacheOutcome::Disk,
+        "evicted, so read back from disk"
+    );
 
     // A new process (runtime) with the same cache directory reads the artifact.
     let entries = cache_entries(cache.path());
@@ -59,26 +72,26 @@ fn components_are_compiled_once_and_reused_from_disk() {
             .to_string_lossy()
             .ends_with(&format!("{}.cwasm", first.sha256))
     );
-    let warm = load_in_fresh_process(cache.path(), &path);
+    let warm = load_in_fresh_process(cache.path(), &path).await;
     assert_eq!(warm.cache, CacheOutcome::Disk);
     assert_eq!(warm.info.name, first.info.name);
 }
 
-#[test]
-fn a_damaged_cache_entry_is_recompiled() {
+#[tokio::test]
+async fn a_damaged_cache_entry_is_recompiled() {
     let cache = tempfile::tempdir().unwrap();
     let path = webserver();
-    load_in_fresh_process(cache.path(), &path);
+    load_in_fresh_process(cache.path(), &path).await;
     let entry = cache_entries(cache.path()).pop().unwrap();
     std::fs::write(&entry, b"not a compiled component").unwrap();
 
-    let reloaded = load_in_fresh_process(cache.path(), &path);
+    let reloaded = load_in_fresh_process(cache.path(), &path).await;
     assert_eq!(
         reloaded.cache,
         CacheOutcome::Compiled,
         "a bad entry must not be trusted"
     );
     // ...and the entry was rewritten with a good artifact.
-    let warm = load_in_fresh_process(cache.path(), &path);
+    let warm = load_in_fresh_process(cache.path(), &path).await;
     assert_eq!(warm.cache, CacheOutcome::Disk);
 }

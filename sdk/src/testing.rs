@@ -18,7 +18,7 @@ pub struct Fixture {
 }
 
 fn from_yaml(yaml: &str) -> Value {
-    serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("fixture is not valid YAML: {e}"))
+    serde_saphyr::from_str(yaml).unwrap_or_else(|e| panic!("fixture is not valid YAML: {e}"))
 }
 
 impl Fixture {

@@ -70,9 +70,27 @@ impl KuwaHost {
     }
 
     /// Like [`KuwaHost::start`], also writing plugin manifests: each
-    /// `(stem, yaml)` becomes `<stem>.yaml` next to `<stem>.wasm`.
+    /// `(stem, yaml)` becomes `<stem>.yaml` next to `<stem>.wasm`, in place
+    /// of the plugin's own manifest (copied from beside its component
+    /// otherwise), so it must grant `installCrd: true` itself when the
+    /// plugin's CRD is to be installed.
     pub async fn start_with(
         namespace: &str,
+        plugins: &[PathBuf],
+        manifests: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Result<Self> {
+        let kubeconfig = tokio::task::spawn_blocking(kubeconfig_path).await??;
+        Self::start_as(&kubeconfig, Some(namespace), plugins, manifests, extra).await
+    }
+
+    /// Like [`KuwaHost::start_with`], with the credentials of `kubeconfig`
+    /// (e.g. one that impersonates a user with less RBAC than the admin),
+    /// watching `namespace` only, or the whole cluster with `None` (only for
+    /// plugins whose grant names their namespaces).
+    pub async fn start_as(
+        kubeconfig: &Path,
+        namespace: Option<&str>,
         plugins: &[PathBuf],
         manifests: &[(&str, &str)],
         extra: &[&str],
@@ -85,11 +103,17 @@ impl KuwaHost {
                 p,
                 plugins_dir.join(p.file_name().context("plugin path has no file name")?),
             )?;
+            // The plugin's own grant (`<stem>.yaml` beside it), unless the
+            // test gives one of its own.
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            let grant = p.with_extension("yaml");
+            if grant.is_file() && !manifests.iter().any(|(s, _)| *s == stem) {
+                std::fs::copy(&grant, plugins_dir.join(format!("{stem}.yaml")))?;
+            }
         }
         for (stem, yaml) in manifests {
             std::fs::write(plugins_dir.join(format!("{stem}.yaml")), yaml)?;
         }
-        let kubeconfig = tokio::task::spawn_blocking(kubeconfig_path).await??;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let log = dir.path().join("kuwa.log");
         let log_file = std::fs::File::create(&log)?;
@@ -98,14 +122,14 @@ impl KuwaHost {
             .arg("--plugins")
             .arg(&plugins_dir)
             .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args([
-                "--namespace",
-                namespace,
-                "--install-crds",
-                "--metrics-addr",
-                &addr.to_string(),
-            ])
+            .arg(kubeconfig)
+            .args(
+                namespace
+                    .map(|ns| ["--namespace", ns])
+                    .into_iter()
+                    .flatten(),
+            )
+            .args(["--install-crds", "--metrics-addr", &addr.to_string()])
             .args(extra)
             .env(
                 "KUWA_LOG",
@@ -351,5 +375,5 @@ pub fn yaml_file(relative: &str) -> Result<serde_json::Value> {
     let path: &Path = &workspace_root().join(relative);
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(serde_yaml::from_str(&text)?)
+    Ok(serde_saphyr::from_str(&text)?)
 }

@@ -22,7 +22,7 @@ const SWAP: Duration = Duration::from_secs(60);
 /// Every child the plugin writes carries this label.
 const MANAGED: &str = "app.kubernetes.io/managed-by=kuwa";
 /// The label only version 2 of the WebServer plugin puts on its children.
-const V2: &str = "kuwa.dev/v2=true";
+const V2: &str = "test.kuwa.dev/v2=true";
 
 fn webservers(client: &Client, ns: &str) -> Api<DynamicObject> {
     let resource = ApiResource {

@@ -89,8 +89,14 @@ async fn runaway_plugins_are_stopped_and_quarantined() -> Result<()> {
         test_plugin("hog")?,
     ];
     let manifests = [
-        ("spin", "quarantineAfter: 3\nlimits: {deadline: 200ms}\n"),
-        ("hog", "quarantineAfter: 3\nlimits: {memoryMiB: 16}\n"),
+        (
+            "spin",
+            "installCrd: true\nquarantineAfter: 3\nlimits: {deadline: 200ms}\n",
+        ),
+        (
+            "hog",
+            "installCrd: true\nquarantineAfter: 3\nlimits: {memoryMiB: 16}\n",
+        ),
     ];
     let mut host = KuwaHost::start_with(&ns.name, &plugins, &manifests, &[]).await?;
     apply_json(&client, &ns.name, &webserver("site", "before")).await?;
@@ -206,7 +212,10 @@ async fn webservers_patch(client: &Client, ns: &str, name: &str, patch: Value) -
 async fn output_outside_the_grant_is_rejected_whole() -> Result<()> {
     let client = client().await?;
     let ns = TestNamespace::new(&client, "grant").await?;
-    let manifest = format!("namespaces: [{}]\nchildKinds: [v1/ConfigMap]\n", ns.name);
+    let manifest = format!(
+        "installCrd: true\nnamespaces: [{}]\nchildKinds: [v1/ConfigMap]\n",
+        ns.name
+    );
     let host = KuwaHost::start_with(
         &ns.name,
         &[test_plugin("rogue")?],
@@ -300,7 +309,10 @@ async fn a_noisy_plugin_does_not_starve_a_quiet_one() -> Result<()> {
     let host = KuwaHost::start_with(
         &ns.name,
         &[test_plugin("fanout")?, test_plugin("rogue")?],
-        &[("fanout", "writesPerSecond: 20\nwriteBurst: 1\n")],
+        &[(
+            "fanout",
+            "installCrd: true\nwritesPerSecond: 20\nwriteBurst: 1\n",
+        )],
         &[],
     )
     .await?;

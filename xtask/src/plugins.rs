@@ -1,7 +1,8 @@
 //! `cargo xtask plugins`: builds every plugin crate for `wasm32-wasip2` in
 //! release mode and copies the components to `target/plugins/<name>.wasm`
 //! (and the misbehaving test plugins of `tests/plugins/` to
-//! `target/test-plugins/`).
+//! `target/test-plugins/`), each with its grant: the crate's
+//! `manifest.yaml` becomes `<name>.yaml` beside the component.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -60,9 +61,11 @@ fn ensure_target() -> Result<()> {
     Ok(())
 }
 
-/// A plugin crate: its folder name (the component's name) and package name.
+/// A plugin crate: its folder name (the component's name), its folder
+/// relative to the workspace root, and its package name.
 struct Crate {
     name: String,
+    dir: PathBuf,
     package: String,
 }
 
@@ -86,6 +89,7 @@ fn crates_in(dir: &Path) -> Result<Vec<Crate>> {
             .with_context(|| format!("{} has no package name", manifest.display()))?;
         out.push(Crate {
             name: entry.file_name().to_string_lossy().into_owned(),
+            dir: entry.path(),
             package,
         });
     }
@@ -121,6 +125,17 @@ fn build(crates: &[Crate], out_dir: &Path) -> Result<Vec<PathBuf>> {
         std::fs::rename(&tmp, &to).with_context(|| format!("writing {}", to.display()))?;
         let size = std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0);
         eprintln!("  {} ({} KiB)", to.display(), size / 1024);
+        // The plugin's grant travels with it: `<crate>/manifest.yaml`
+        // becomes `<name>.yaml` beside the component (or none is left).
+        let manifest = workspace_root().join(&c.dir).join("manifest.yaml");
+        let grant = out_dir.join(format!("{}.yaml", c.name));
+        if manifest.is_file() {
+            std::fs::copy(&manifest, &grant)
+                .with_context(|| format!("copying {}", manifest.display()))?;
+        } else if grant.exists() {
+            std::fs::remove_file(&grant)
+                .with_context(|| format!("removing {}", grant.display()))?;
+        }
         out.push(to);
     }
     Ok(out)

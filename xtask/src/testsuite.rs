@@ -44,10 +44,17 @@ pub fn run(args: &Args) -> Result<()> {
     let kubeconfig = cluster::up(&args.cluster)?;
     eprintln!("==> cargo test --workspace");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // Passing tests' figures (deadlines met, calls per quarantine interval,
+    // ...) are part of the output: `--show-output` prints what they printed.
+    let mut test_args = args.cargo_test_args.clone();
+    if !test_args.iter().any(|a| a == "--") {
+        test_args.push("--".into());
+    }
+    test_args.push("--show-output".into());
     let status = Command::new(cargo)
         .current_dir(workspace_root())
         .args(["test", "--workspace", "--no-fail-fast"])
-        .args(&args.cargo_test_args)
+        .args(&test_args)
         .env("KUWA_KUBECONFIG", &kubeconfig)
         .env("KUWA_BIN", &kuwa)
         .env("KUWA_PLUGINS_DIR", plugins::plugins_dir())

@@ -2,7 +2,7 @@
 //! for the hot-swap tests.
 //!
 //! It reconciles exactly like the shipped plugin (same name, parent kind and
-//! children) and labels every child `kuwa.dev/v2: "true"`, so a test can see
+//! children) and labels every child `test.kuwa.dev/v2: "true"`, so a test can see
 //! which version wrote each child.
 
 use kuwa_plugin_webserver::{WebServer, WebServerPlugin, WebServerStatus};
@@ -13,7 +13,7 @@ use serde_json::Value;
 pub const VERSION: &str = "0.2.0-test";
 
 /// The label every child of this version carries.
-pub const LABEL: &str = "kuwa.dev/v2";
+pub const LABEL: &str = "test.kuwa.dev/v2";
 
 /// The plugin.
 pub struct Plugin;

@@ -22,6 +22,10 @@
 //! always moves to the newest version it was given, so an older version can
 //! never win over a newer one.
 
+// Load errors are the cold path and name what they refuse (paths, kinds);
+// boxing them would only add noise.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,9 +36,11 @@ use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::controller::Host;
-use crate::loader::{DirError, FileError, install_crd, load_file, wasm_files};
-use crate::runtime::{Limits, LoadedPlugin, Runtime};
+use crate::apply::{CrdError, check_crd};
+use crate::host::Host;
+use crate::plugin::loader::{DirError, FileError, load_file, wasm_files};
+use crate::plugin::runtime::{LoadedPlugin, Runtime};
+use crate::tenant::limits::Limits;
 
 /// How long a changed path must stay unchanged before it is loaded. Copying a
 /// component of a few MiB takes milliseconds; 300 ms of silence means the
@@ -75,6 +81,16 @@ pub enum Rejection {
     /// It could not be read, compiled, linked or described.
     #[error(transparent)]
     Load(#[from] FileError),
+    /// It carries a CRD the host is to install but may not: it defines
+    /// another kind than the plugin's parent, or asks for a conversion
+    /// webhook.
+    #[error("{}: {source}", file.display())]
+    Crd {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong with the CRD.
+        source: CrdError,
+    },
     /// It loaded, but cannot replace what is served (another plugin name or
     /// parent kind, or a name or kind another file serves).
     #[error("{}: incompatible: {why}", file.display())]
@@ -87,11 +103,12 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// One word for metrics: read, manifest, compile, link, describe or
-    /// incompatible.
+    /// One word for metrics: read, manifest, grant, compile, link,
+    /// describe, crd or incompatible.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Load(e) => e.reason(),
+            Self::Crd { .. } => "crd",
             Self::Incompatible { .. } => "incompatible",
         }
     }
@@ -384,12 +401,7 @@ impl PluginDir {
             self.remove(path).await;
             return Synced::default();
         };
-        let runtime = self.runtime.clone();
-        let limits = self.limits;
-        let file = path.to_owned();
-        let loaded = tokio::task::spawn_blocking(move || load_file(&runtime, &file, limits))
-            .await
-            .unwrap_or_else(|e| panic!("plugin loader thread panicked: {e}"));
+        let loaded = load_file(&self.runtime, path, self.limits).await;
         if stamp(path) != Some(before) {
             tracing::debug!(file = %path.display(), "plugin file changed while loading; waiting for it to settle");
             return Synced {
@@ -399,6 +411,7 @@ impl PluginDir {
         }
         match loaded
             .map_err(Rejection::from)
+            .and_then(|plugin| self.check_crd(path, &plugin).map(|()| plugin))
             .and_then(|plugin| self.fit(path, &plugin).map(|fit| (plugin, fit)))
         {
             Ok((plugin, fit)) => self.accept(path, Arc::new(plugin), fit),
@@ -406,6 +419,22 @@ impl PluginDir {
                 self.reject(path, &rejection);
                 Synced::default()
             }
+        }
+    }
+
+    /// When the host installs CRDs and the plugin's grant lets it: whether
+    /// the CRD it carries is one it may install.
+    fn check_crd(&self, path: &Path, plugin: &LoadedPlugin) -> Result<(), Rejection> {
+        match &plugin.info.crd {
+            Some(crd) if self.install_crds && plugin.grant.install_crd => {
+                check_crd(&plugin.info, crd)
+                    .map(|_| ())
+                    .map_err(|source| Rejection::Crd {
+                        file: path.to_owned(),
+                        source,
+                    })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -599,9 +628,13 @@ async fn activator(
             break;
         };
         let name = plugin.info.name.clone();
-        if install_crds && let Some(crd) = &plugin.info.crd {
-            match install_crd(&host.client, crd).await {
-                Ok(crd) => tracing::info!(plugin = %name, crd = %crd, "CRD installed"),
+        if install_crds && plugin.info.crd.is_some() {
+            match host.install_crd(&plugin).await {
+                Ok(Some(crd)) => tracing::info!(plugin = %name, crd = %crd, "CRD installed"),
+                Ok(None) => {}
+                Err(CrdError::NotGranted) => {
+                    tracing::info!(plugin = %name, "the plugin's grant does not let the host install its CRD (installCrd); it must be installed already")
+                }
                 Err(e) => tracing::error!(plugin = %name, error = %e, "CRD not installed"),
             }
         }

@@ -1,76 +1,25 @@
 //! What a plugin declares about itself (`describe`), checked and in host types.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::GroupVersionKind;
 use serde_json::Value;
 
-use crate::runtime::wit;
+use crate::gvk::Gvk;
+use crate::plugin::runtime::wit;
 
-/// An API group, version and kind.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Gvk {
-    /// API group; empty for the core group.
-    pub group: String,
-    /// Version.
-    pub version: String,
-    /// Kind.
-    pub kind: String,
-}
-
-impl Gvk {
-    /// Builds a kind from its parts.
-    pub fn new(group: &str, version: &str, kind: &str) -> Self {
-        Self {
-            group: group.to_owned(),
-            version: version.to_owned(),
-            kind: kind.to_owned(),
-        }
+fn gvk_from_wit(g: wit::Gvk) -> Result<Gvk, DescribeError> {
+    if g.version.is_empty() || g.kind.is_empty() {
+        return Err(DescribeError::BadKind(format!(
+            "{}/{}/{}",
+            g.group, g.version, g.kind
+        )));
     }
-
-    /// `apiVersion` as written in objects.
-    pub fn api_version(&self) -> String {
-        if self.group.is_empty() {
-            self.version.clone()
-        } else {
-            format!("{}/{}", self.group, self.version)
-        }
-    }
-
-    /// The kind of a JSON object from its `apiVersion` and `kind`.
-    pub fn of_object(object: &Value) -> Option<Self> {
-        let api_version = object.get("apiVersion")?.as_str()?;
-        let kind = object.get("kind")?.as_str()?;
-        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-        Some(Self::new(group, version, kind))
-    }
-
-    /// The kube-rs form.
-    pub fn to_kube(&self) -> GroupVersionKind {
-        GroupVersionKind::gvk(&self.group, &self.version, &self.kind)
-    }
-
-    fn from_wit(g: wit::Gvk) -> Result<Self, DescribeError> {
-        if g.version.is_empty() || g.kind.is_empty() {
-            return Err(DescribeError::BadKind(format!(
-                "{}/{}/{}",
-                g.group, g.version, g.kind
-            )));
-        }
-        Ok(Self {
-            group: g.group,
-            version: g.version,
-            kind: g.kind,
-        })
-    }
-}
-
-impl fmt::Display for Gvk {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.api_version(), self.kind)
-    }
+    Ok(Gvk {
+        group: g.group,
+        version: g.version,
+        kind: g.kind,
+    })
 }
 
 /// How related objects map to parents (see the WIT `related-mapping`).
@@ -84,6 +33,36 @@ pub enum RelatedMapping {
     AllInNamespace,
     /// Every object of a cluster-scoped kind.
     AllInCluster,
+}
+
+/// What a write of the host is for, which picks its field manager
+/// ([`PluginInfo::field_manager`]). Separate managers mean each part is owned
+/// on its own: applying an empty finalizer list removes only the host's
+/// finalizer, a status apply never disturbs children's fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldManager {
+    /// Children (`kuwa/<plugin>`).
+    Children,
+    /// The parent's status (`kuwa/<plugin>/status`).
+    Status,
+    /// The host's finalizer on the parent (`kuwa/<plugin>/finalizer`).
+    Finalizer,
+    /// The plugin-version annotation on the parent (`kuwa/<plugin>/version`).
+    Version,
+    /// The plugin's CRD (`kuwa/<plugin>/crd`).
+    Crd,
+}
+
+impl FieldManager {
+    fn suffix(self) -> Option<&'static str> {
+        match self {
+            Self::Children => None,
+            Self::Status => Some("status"),
+            Self::Finalizer => Some("finalizer"),
+            Self::Version => Some("version"),
+            Self::Crd => Some("crd"),
+        }
+    }
 }
 
 /// A plugin's `describe`, validated.
@@ -166,11 +145,11 @@ impl PluginInfo {
         if !is_dns_label(&d.name) {
             return Err(DescribeError::BadName(d.name));
         }
-        let parent = Gvk::from_wit(d.parent)?;
+        let parent = gvk_from_wit(d.parent)?;
         let children = d
             .children
             .into_iter()
-            .map(Gvk::from_wit)
+            .map(gvk_from_wit)
             .collect::<Result<Vec<_>, _>>()?;
         let related = d
             .related
@@ -184,7 +163,7 @@ impl PluginInfo {
                     wit::RelatedMapping::AllInNamespace => RelatedMapping::AllInNamespace,
                     wit::RelatedMapping::AllInCluster => RelatedMapping::AllInCluster,
                 };
-                Ok((Gvk::from_wit(r.gvk)?, mapping))
+                Ok((gvk_from_wit(r.gvk)?, mapping))
             })
             .collect::<Result<Vec<_>, DescribeError>>()?;
         let mut seen = std::collections::HashSet::new();
@@ -236,9 +215,15 @@ impl PluginInfo {
         format!("{group}/finalizer")
     }
 
-    /// The field manager of the plugin's server-side applies.
-    pub fn field_manager(&self) -> &str {
-        &self.name
+    /// The field manager of the plugin's writes of `part`: `kuwa/<plugin>`
+    /// for children, `kuwa/<plugin>/<part>` for the others. Field managers
+    /// are the host's: a plugin cannot pick one (its name is only ever a
+    /// suffix), so it can never write as another client.
+    pub fn field_manager(&self, part: FieldManager) -> String {
+        match part.suffix() {
+            None => format!("kuwa/{}", self.name),
+            Some(suffix) => format!("kuwa/{}/{suffix}", self.name),
+        }
     }
 
     /// Whether `gvk` is one of the declared child kinds.
@@ -252,6 +237,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn field_managers_are_the_hosts() {
+        let mut info = PluginInfo::placeholder();
+        info.name = Arc::from("helm");
+        assert_eq!(info.field_manager(FieldManager::Children), "kuwa/helm");
+        assert_eq!(info.field_manager(FieldManager::Status), "kuwa/helm/status");
+        assert_eq!(
+            info.field_manager(FieldManager::Finalizer),
+            "kuwa/helm/finalizer"
+        );
+    }
+
+    #[test]
     fn dns_labels() {
         assert!(is_dns_label("webserver"));
         assert!(is_dns_label("a-1"));
@@ -259,15 +256,5 @@ mod tests {
         assert!(!is_dns_label("-a"));
         assert!(!is_dns_label("a_b"));
         assert!(!is_dns_label(&"a".repeat(64)));
-    }
-
-    #[test]
-    fn gvk_from_objects() {
-        let g = Gvk::of_object(&serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment"}))
-            .unwrap();
-        assert_eq!(g, Gvk::new("apps", "v1", "Deployment"));
-        let g = Gvk::of_object(&serde_json::json!({"apiVersion": "v1", "kind": "Pod"})).unwrap();
-        assert_eq!(g.api_version(), "v1");
-        assert!(Gvk::of_object(&serde_json::json!({"kind": "Pod"})).is_none());
     }
 }
