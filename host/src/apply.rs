@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::plan::{PLUGIN_VERSION_ANNOTATION, Plan, Write, owner_reference};
 use crate::plugin::info::{FieldManager, PluginInfo};
 use crate::plugin::runtime::LoadedPlugin;
-use crate::tenant::budget::TokenBucket;
+use crate::tenant::budget::WriteBudget;
 use crate::validate::EventOut;
 
 /// Why a write was not made.
@@ -106,7 +106,7 @@ impl Target<'_> {
 pub struct PluginWriter {
     api: Arc<ApiWriter>,
     plugin: Arc<LoadedPlugin>,
-    budget: TokenBucket,
+    budget: WriteBudget,
     parent: ApiResource,
     children: HashMap<Gvk, ChildResource>,
 }
@@ -121,7 +121,7 @@ impl PluginWriter {
         children: HashMap<Gvk, ChildResource>,
     ) -> Self {
         let grant = &plugin.grant;
-        let budget = TokenBucket::new(grant.writes_per_second, grant.write_burst);
+        let budget = WriteBudget::new(grant.writes_per_second, grant.write_burst);
         Self {
             api,
             plugin,
@@ -486,7 +486,7 @@ impl ApiWriter {
     pub async fn install_crd(
         &self,
         plugin: &LoadedPlugin,
-        budget: &TokenBucket,
+        budget: &WriteBudget,
     ) -> Result<Option<String>, CrdError> {
         let info = &plugin.info;
         let Some(crd) = &info.crd else {

@@ -21,7 +21,7 @@ use crate::plan;
 use crate::plugin::runtime::LoadedPlugin;
 use crate::queue::WorkQueue;
 use crate::reconcile::{self, Context};
-use crate::tenant::budget::TokenBucket;
+use crate::tenant::budget::WriteBudget;
 use crate::tenant::quarantine::Quarantine;
 
 /// Default reconciles of one plugin at once.
@@ -145,7 +145,7 @@ impl Host {
     /// is counted and budgeted like any other of the plugin's.
     pub async fn install_crd(&self, loaded: &LoadedPlugin) -> Result<Option<String>, CrdError> {
         let grant = &loaded.grant;
-        let budget = TokenBucket::new(grant.writes_per_second, grant.write_burst);
+        let budget = WriteBudget::new(grant.writes_per_second, grant.write_burst);
         self.api.install_crd(loaded, &budget).await
     }
 

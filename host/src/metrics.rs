@@ -151,7 +151,7 @@ impl Metrics {
         );
         registry.register(
             "kuwa_write_budget_waits",
-            "API writes that waited for the plugin's write budget (token bucket)",
+            "API writes that waited for the plugin's write budget",
             m.write_budget_waits.clone(),
         );
         registry.register(

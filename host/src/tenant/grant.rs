@@ -9,7 +9,7 @@
 //! relatedKinds: [v1/Pod]            # default: none; every related kind must be granted
 //! installCrd: true                  # default false: may the host install the plugin's CRD
 //! childFinalizers: false            # default false: may children carry finalizers
-//! writesPerSecond: 20               # API write budget (token bucket)
+//! writesPerSecond: 20               # API write budget (governor rate limiter)
 //! writeBurst: 40
 //! concurrency: 4                    # reconciles of this plugin at once
 //! quarantineAfter: 10               # consecutive failures before quarantine

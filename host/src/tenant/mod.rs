@@ -5,7 +5,7 @@
 //!   child and related kinds, CRD install, child finalizers, budgets);
 //! * [`limits`]: per-call sandbox limits and output limits, with the
 //!   host-wide defaults and ceilings;
-//! * [`budget`]: the API write budget (token bucket) every write takes from;
+//! * [`budget`]: the API write budget (a `governor` rate limiter) every write takes from;
 //! * [`quarantine`]: the failure streak that sets a plugin aside.
 
 pub mod budget;
