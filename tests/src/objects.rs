@@ -53,3 +53,56 @@ pub async fn instance_pods(client: &Client, ns: &str, instance: &str) -> Result<
         .map(|p| format!("Pod/{}", p.name_any()))
         .collect())
 }
+
+/// The WebServer kind of the shipped plugin (`kuwa.dev/v1alpha1`).
+pub fn webserver_resource() -> ApiResource {
+    ApiResource {
+        group: "kuwa.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "kuwa.dev/v1alpha1".into(),
+        kind: "WebServer".into(),
+        plural: "webservers".into(),
+    }
+}
+
+/// The WebServers of namespace `ns`.
+pub fn webservers(client: &Client, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), ns, &webserver_resource())
+}
+
+/// A WebServer serving `content` with `replicas` nginx Pods.
+pub fn webserver(name: &str, content: &str, replicas: i64) -> Value {
+    serde_json::json!({
+        "apiVersion": "kuwa.dev/v1alpha1", "kind": "WebServer", "metadata": {"name": name},
+        "spec": {"content": content, "replicas": replicas, "software": {"name": "nginx", "version": "1.27"}},
+    })
+}
+
+/// What the ConfigMap `name` (a WebServer's `<name>-content`) serves as
+/// `index.html`, if it exists.
+pub async fn config_content(client: &Client, ns: &str, name: &str) -> Result<Option<String>> {
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), ns);
+    Ok(cms
+        .get_opt(name)
+        .await?
+        .and_then(|c| c.data)
+        .and_then(|d| d.get("index.html").cloned()))
+}
+
+/// Waits (at most `timeout`) until the ConfigMap `name` serves `want`.
+pub async fn wait_content(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    want: &str,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    crate::wait_for(
+        &format!("ConfigMap {name} to hold {want:?}"),
+        timeout,
+        || async move {
+            Ok((config_content(client, ns, name).await?.as_deref() == Some(want)).then_some(()))
+        },
+    )
+    .await
+}

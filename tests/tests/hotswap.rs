@@ -10,11 +10,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, Resource};
 use kuwa_e2e::host::{KuwaHost, plugin, sum_metric, test_plugin};
+use kuwa_e2e::objects::{webserver, webservers};
 use kuwa_e2e::{TestNamespace, client, wait_for};
-use serde_json::{Value, json};
 
 const CONVERGE: Duration = Duration::from_secs(300);
 /// How long a file change may take to be loaded (or refused) and reported.
@@ -23,26 +23,6 @@ const SWAP: Duration = Duration::from_secs(60);
 const MANAGED: &str = "app.kubernetes.io/managed-by=kuwa";
 /// The label only version 2 of the WebServer plugin puts on its children.
 const V2: &str = "test.kuwa.dev/v2=true";
-
-fn webservers(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let resource = ApiResource {
-        group: "kuwa.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "kuwa.dev/v1alpha1".into(),
-        kind: "WebServer".into(),
-        plural: "webservers".into(),
-    };
-    Api::namespaced_with(client.clone(), ns, &resource)
-}
-
-fn webserver(name: &str, content: &str) -> Value {
-    json!({
-        "apiVersion": "kuwa.dev/v1alpha1",
-        "kind": "WebServer",
-        "metadata": {"name": name},
-        "spec": {"content": content, "replicas": 0, "software": {"name": "nginx", "version": "1.27"}},
-    })
-}
 
 /// Replaces `dir/name` atomically, as `cargo xtask plugins` does: the
 /// watcher never sees a half-written plugin file, only a rename.
@@ -159,7 +139,7 @@ async fn swapping_in_a_new_version_updates_every_child_without_a_relist() -> Res
         api.patch(
             &name,
             &PatchParams::apply("e2e").force(),
-            &Patch::Apply(webserver(&name, &format!("page {i}"))),
+            &Patch::Apply(webserver(&name, &format!("page {i}"), 0)),
         )
         .await
         .with_context(|| format!("creating WebServer {name}"))?;
@@ -206,7 +186,7 @@ async fn swapping_in_a_new_version_updates_every_child_without_a_relist() -> Res
             api.patch(
                 &name,
                 &PatchParams::apply("e2e").force(),
-                &Patch::Apply(webserver(&name, &content)),
+                &Patch::Apply(webserver(&name, &content, 0)),
             )
             .await
             .with_context(|| format!("changing WebServer {name}"))
@@ -313,7 +293,7 @@ async fn bad_files_keep_the_old_version_serving_and_removal_unloads() -> Result<
     api.patch(
         "site",
         &PatchParams::apply("e2e").force(),
-        &Patch::Apply(webserver("site", "v1")),
+        &Patch::Apply(webserver("site", "v1", 0)),
     )
     .await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
@@ -370,7 +350,7 @@ async fn bad_files_keep_the_old_version_serving_and_removal_unloads() -> Result<
         api.patch(
             "site",
             &PatchParams::apply("e2e").force(),
-            &Patch::Apply(webserver("site", &content)),
+            &Patch::Apply(webserver("site", &content, 0)),
         )
         .await?;
         wait_for(

@@ -10,40 +10,14 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use kuwa_e2e::host::{KuwaHost, apply_json, plugin, test_plugin};
+use kuwa_e2e::objects::{wait_content, webserver, webservers};
 use kuwa_e2e::{TestNamespace, client, wait_for};
 use serde_json::{Value, json};
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
-fn webserver(name: &str, content: &str) -> Value {
-    json!({
-        "apiVersion": "kuwa.dev/v1alpha1", "kind": "WebServer", "metadata": {"name": name},
-        "spec": {"content": content, "replicas": 1, "software": {"name": "nginx", "version": "1.27"}},
-    })
-}
-
 fn test_object(kind: &str, name: &str, spec: Value) -> Value {
     json!({"apiVersion": "test.kuwa.dev/v1", "kind": kind, "metadata": {"name": name}, "spec": spec})
-}
-
-async fn config_content(client: &Client, ns: &str, name: &str) -> Result<Option<String>> {
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    Ok(cms
-        .get_opt(name)
-        .await?
-        .and_then(|c| c.data)
-        .and_then(|d| d.get("index.html").cloned()))
-}
-
-async fn wait_content(client: &Client, ns: &str, name: &str, want: &str) -> Result<()> {
-    wait_for(
-        &format!("ConfigMap {name} to hold {want:?}"),
-        CONVERGE,
-        || async move {
-            Ok((config_content(client, ns, name).await?.as_deref() == Some(want)).then_some(()))
-        },
-    )
-    .await
 }
 
 async fn events_with_reason(
@@ -99,8 +73,8 @@ async fn runaway_plugins_are_stopped_and_quarantined() -> Result<()> {
         ),
     ];
     let mut host = KuwaHost::start_with(&ns.name, &plugins, &manifests, &[]).await?;
-    apply_json(&client, &ns.name, &webserver("site", "before")).await?;
-    wait_content(&client, &ns.name, "site-content", "before").await?;
+    apply_json(&client, &ns.name, &webserver("site", "before", 1)).await?;
+    wait_content(&client, &ns.name, "site-content", "before", CONVERGE).await?;
     apply_json(
         &client,
         &ns.name,
@@ -117,7 +91,7 @@ async fn runaway_plugins_are_stopped_and_quarantined() -> Result<()> {
         json!({"spec": {"content": "during"}}),
     )
     .await?;
-    wait_content(&client, &ns.name, "site-content", "during").await?;
+    wait_content(&client, &ns.name, "site-content", "during", CONVERGE).await?;
 
     for (plugin, reason) in [("test-spin", "timeout"), ("test-hog", "memory")] {
         wait_for(&format!("{plugin} to be quarantined"), CONVERGE, || {
@@ -175,7 +149,7 @@ async fn runaway_plugins_are_stopped_and_quarantined() -> Result<()> {
         json!({"spec": {"content": "after"}}),
     )
     .await?;
-    wait_content(&client, &ns.name, "site-content", "after").await?;
+    wait_content(&client, &ns.name, "site-content", "after", CONVERGE).await?;
     assert_eq!(
         host.metric("kuwa_plugin_quarantined", &[("plugin", "webserver")])
             .await?,
@@ -193,15 +167,8 @@ async fn runaway_plugins_are_stopped_and_quarantined() -> Result<()> {
 }
 
 async fn webservers_patch(client: &Client, ns: &str, name: &str, patch: Value) -> Result<()> {
-    let resource = kube::api::ApiResource {
-        group: "kuwa.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "kuwa.dev/v1alpha1".into(),
-        kind: "WebServer".into(),
-        plural: "webservers".into(),
-    };
-    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
-    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+    webservers(client, ns)
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
         .await?;
     Ok(())
 }

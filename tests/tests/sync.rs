@@ -11,7 +11,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::discovery::ApiResource;
 use kuwa_e2e::host::{KuwaHost, apply_json, plugin, yaml_file};
-use kuwa_e2e::objects::condition;
+use kuwa_e2e::objects::{condition, wait_content, webserver, webservers};
 use kuwa_e2e::{TestNamespace, client, kubeconfig_path, wait_for};
 use serde_json::{Value, json};
 
@@ -29,22 +29,6 @@ fn limited_role(name: &str) -> Result<ClusterRole> {
             {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": all},
         ],
     }))?)
-}
-
-fn webserver(name: &str, content: &str) -> Value {
-    json!({
-        "apiVersion": "kuwa.dev/v1alpha1", "kind": "WebServer", "metadata": {"name": name},
-        "spec": {"content": content, "replicas": 1, "software": {"name": "nginx", "version": "1.27"}},
-    })
-}
-
-async fn content(client: &kube::Client, ns: &str, name: &str) -> Result<Option<String>> {
-    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), ns);
-    Ok(cms
-        .get_opt(name)
-        .await?
-        .and_then(|c| c.data)
-        .and_then(|d| d.get("index.html").cloned()))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -85,14 +69,8 @@ async fn a_cache_that_cannot_list_fails_its_keys_within_the_bound() -> Result<()
         &["--cache-sync-timeout", "3s"],
     )
     .await?;
-    apply_json(&client, &ns.name, &webserver("site", "before")).await?;
-    wait_for("site to converge", CONVERGE, || async {
-        Ok(
-            (content(&client, &ns.name, "site-content").await?.as_deref() == Some("before"))
-                .then_some(()),
-        )
-    })
-    .await?;
+    apply_json(&client, &ns.name, &webserver("site", "before", 1)).await?;
+    wait_content(&client, &ns.name, "site-content", "before", CONVERGE).await?;
 
     // Add MLTask while the host runs: it reads Nodes, which this user may
     // not list, so its Node cache never syncs.
@@ -162,30 +140,14 @@ async fn a_cache_that_cannot_list_fails_its_keys_within_the_bound() -> Result<()
     );
 
     // The other plugin is unaffected.
-    let api: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        &ns.name,
-        &ApiResource {
-            group: "kuwa.dev".into(),
-            version: "v1alpha1".into(),
-            api_version: "kuwa.dev/v1alpha1".into(),
-            kind: "WebServer".into(),
-            plural: "webservers".into(),
-        },
-    );
-    api.patch(
-        "site",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"content": "after"}})),
-    )
-    .await?;
-    wait_for("site to take the new content", CONVERGE, || async {
-        Ok(
-            (content(&client, &ns.name, "site-content").await?.as_deref() == Some("after"))
-                .then_some(()),
+    webservers(&client, &ns.name)
+        .patch(
+            "site",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"content": "after"}})),
         )
-    })
-    .await?;
+        .await?;
+    wait_content(&client, &ns.name, "site-content", "after", CONVERGE).await?;
     assert!(host.log().contains("caches did not sync in time"));
 
     drop(host);

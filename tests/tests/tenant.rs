@@ -21,7 +21,7 @@ use kube::api::{
 };
 use kube::{Client, ResourceExt};
 use kuwa_e2e::host::{KuwaHost, apply_json, http, plugin, test_plugin};
-use kuwa_e2e::objects::{condition, owned_by};
+use kuwa_e2e::objects::{condition, owned_by, wait_content, webserver, webservers};
 use kuwa_e2e::{TestNamespace, client, kubeconfig_path, wait_for, workspace_root};
 use serde_json::{Value, json};
 
@@ -43,24 +43,6 @@ fn own_manifest(dir: &str) -> Result<String> {
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn webserver(name: &str, content: &str) -> Value {
-    json!({
-        "apiVersion": "kuwa.dev/v1alpha1", "kind": "WebServer", "metadata": {"name": name},
-        "spec": {"content": content, "replicas": 0, "software": {"name": "nginx", "version": "1.27"}},
-    })
-}
-
-fn webservers(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let resource = ApiResource {
-        group: "kuwa.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "kuwa.dev/v1alpha1".into(),
-        kind: "WebServer".into(),
-        plural: "webservers".into(),
-    };
-    Api::namespaced_with(client.clone(), ns, &resource)
-}
-
 fn test_object(kind: &str, name: &str, spec: Value) -> Value {
     json!({"apiVersion": "test.kuwa.dev/v1", "kind": kind, "metadata": {"name": name}, "spec": spec})
 }
@@ -77,26 +59,6 @@ fn test_api(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &resource)
 }
 
-async fn config_content(client: &Client, ns: &str, name: &str) -> Result<Option<String>> {
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    Ok(cms
-        .get_opt(name)
-        .await?
-        .and_then(|c| c.data)
-        .and_then(|d| d.get("index.html").cloned()))
-}
-
-async fn wait_content(client: &Client, ns: &str, name: &str, want: &str) -> Result<()> {
-    wait_for(
-        &format!("ConfigMap {name} to hold {want:?}"),
-        CONVERGE,
-        || async move {
-            Ok((config_content(client, ns, name).await?.as_deref() == Some(want)).then_some(()))
-        },
-    )
-    .await
-}
-
 /// Changes WebServer `name`'s content and waits until its ConfigMap serves
 /// it; returns how long that took.
 async fn change_content(client: &Client, ns: &str, name: &str, content: &str) -> Result<Duration> {
@@ -108,14 +70,14 @@ async fn change_content(client: &Client, ns: &str, name: &str, content: &str) ->
             &Patch::Merge(json!({"spec": {"content": content}})),
         )
         .await?;
-    wait_content(client, ns, &format!("{name}-content"), content).await?;
+    wait_content(client, ns, &format!("{name}-content"), content, CONVERGE).await?;
     Ok(started.elapsed())
 }
 
 /// Starts WebServer `name` with `content` and waits until it is served.
 async fn start_webserver(client: &Client, ns: &str, name: &str, content: &str) -> Result<()> {
-    apply_json(client, ns, &webserver(name, content)).await?;
-    wait_content(client, ns, &format!("{name}-content"), content).await
+    apply_json(client, ns, &webserver(name, content, 0)).await?;
+    wait_content(client, ns, &format!("{name}-content"), content, CONVERGE).await
 }
 
 async fn wait_config_map(client: &Client, ns: &str, name: &str) -> Result<ConfigMap> {
@@ -668,6 +630,21 @@ async fn a_plugin_named_like_another_tool_writes_under_its_own_field_managers() 
     assert!(
         !content_managers.iter().any(|m| m == "webserver"),
         "{content_managers:?}"
+    );
+    // Plugin names are unique per host: a second file describing `helm`
+    // is refused, and the first keeps serving.
+    replace_file(
+        &host.plugins_dir,
+        "helm-again.wasm",
+        &std::fs::read(test_plugin("helm")?)?,
+    )?;
+    wait_load_error(&host, "helm-again", "incompatible").await?;
+    assert!(
+        host.log()
+            .lines()
+            .any(|l| l.contains("helm-again.wasm") && l.contains("plugin helm is already served")),
+        "{}",
+        host.log_tail(20)
     );
     change_content(&client, &ns.name, "site", "after").await?;
     drop(host);

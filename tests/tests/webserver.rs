@@ -12,7 +12,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use kuwa_e2e::host::{KuwaHost, apply_json, plugin, test_plugin, yaml_file};
-use kuwa_e2e::objects::{condition, controlled_by, owned_by};
+use kuwa_e2e::objects::{condition, controlled_by, owned_by, webserver, webservers};
 use kuwa_e2e::{TestNamespace, client, wait_for};
 use serde_json::{Value, json};
 
@@ -20,29 +20,6 @@ const CONVERGE: Duration = Duration::from_secs(120);
 /// The garbage collector learns a new CRD's kind only at its periodic
 /// discovery refresh (~20–30 s), so cascades of a fresh CRD take that long.
 const GARBAGE_COLLECT: Duration = Duration::from_secs(150);
-
-fn webserver_resource() -> ApiResource {
-    ApiResource {
-        group: "kuwa.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "kuwa.dev/v1alpha1".into(),
-        kind: "WebServer".into(),
-        plural: "webservers".into(),
-    }
-}
-
-fn webservers(client: &Client, ns: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(client.clone(), ns, &webserver_resource())
-}
-
-fn webserver(name: &str, content: &str, replicas: i64) -> Value {
-    json!({
-        "apiVersion": "kuwa.dev/v1alpha1",
-        "kind": "WebServer",
-        "metadata": {"name": name},
-        "spec": {"content": content, "replicas": replicas, "software": {"name": "nginx", "version": "1.27"}},
-    })
-}
 
 /// Waits until the WebServer reports `ready` ready replicas, `Available=True`
 /// and the current generation.
