@@ -369,6 +369,22 @@ impl PluginWriter {
         present: bool,
     ) -> Result<(), WriteError> {
         self.check_parent(parent)?;
+        self.write_finalizer(parent, present).await
+    }
+
+    /// Removes the host's finalizer from a parent wherever it is, even
+    /// outside the plugin's granted namespaces (a grant narrowed after the
+    /// finalizer was added): taking the host's own finalizer away only lets
+    /// the parent go, it gives the plugin nothing.
+    pub async fn release_finalizer(&self, parent: &DynamicObject) -> Result<(), WriteError> {
+        self.write_finalizer(parent, false).await
+    }
+
+    async fn write_finalizer(
+        &self,
+        parent: &DynamicObject,
+        present: bool,
+    ) -> Result<(), WriteError> {
         let t = self.parent_target(parent);
         self.permit("finalizer", t.gvk).await;
         let finalizers: Vec<String> = if present {

@@ -53,6 +53,12 @@ impl Gvk {
             .then(|| Self::new(group, version, kind))
     }
 
+    /// Whether `other` is the same kind, in any version: objects of one kind
+    /// are the same objects whichever version they are read through.
+    pub fn same_kind(&self, other: &Gvk) -> bool {
+        self.group == other.group && self.kind == other.kind
+    }
+
     /// The kube-rs form.
     pub fn to_kube(&self) -> GroupVersionKind {
         GroupVersionKind::gvk(&self.group, &self.version, &self.kind)

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use kube::api::DynamicObject;
 use kube::{Client, ResourceExt};
 use tokio::sync::mpsc;
@@ -26,6 +27,13 @@ use crate::tenant::quarantine::Quarantine;
 
 /// Default reconciles of one plugin at once.
 pub const DEFAULT_PLUGIN_CONCURRENCY: usize = 4;
+
+/// How long unloading a plugin waits for its reconciles still running.
+pub const UNLOAD_DRAIN: Duration = Duration::from_secs(30);
+
+/// Parents released at once when a plugin is unloaded (each may run the old
+/// `finalize` and makes one write).
+pub const RELEASE_CONCURRENCY: usize = 8;
 
 /// Settings of a running host.
 #[derive(Debug, Clone)]
@@ -225,7 +233,7 @@ impl Host {
             .plugins
             .all()
             .into_iter()
-            .find(|p| p.info().parent == info.parent && p.info().name != info.name)
+            .find(|p| p.info().parent.same_kind(&info.parent) && p.info().name != info.name)
         {
             return Err(ActivateError::ParentTaken {
                 gvk: info.parent.clone(),
@@ -262,16 +270,27 @@ impl Host {
             return;
         };
         self.queue.with(|q| q.remove_plugin(name));
-        let mut released = 0;
-        for key in p.parents_in(None) {
-            let Some(parent) = p.parent_at(&key) else {
-                continue;
-            };
-            if plan::has_finalizer(p.info(), &parent) {
-                reconcile::release(&p, &parent).await;
-                released += 1;
-            }
+        // Reconciles already running may still add the finalizer: let them
+        // finish first (each is bounded by the plugin's deadline and its
+        // writes).
+        let waiting = tokio::time::Instant::now() + UNLOAD_DRAIN;
+        while self.queue.with(|q| q.in_flight_of(name)) > 0 && tokio::time::Instant::now() < waiting
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let held: Vec<_> = p
+            .parents_in(None)
+            .iter()
+            .filter_map(|key| p.parent_at(key))
+            .filter(|parent| plan::has_finalizer(p.info(), parent))
+            .collect();
+        let released = held.len();
+        futures::stream::iter(held)
+            .for_each_concurrent(RELEASE_CONCURRENCY, |parent| {
+                let p = p.clone();
+                async move { reconcile::release(&p, &parent).await }
+            })
+            .await;
         self.release(&p).await;
         self.metrics.plugin_unloaded(name);
         tracing::info!(plugin = %name, released_finalizers = released, "plugin unloaded");

@@ -65,6 +65,10 @@ pub enum Outcome {
     /// Failure of a quarantined plugin: the key backs off, and the plugin
     /// gets one probe key per quarantine interval until one succeeds.
     Quarantined,
+    /// Nothing to do and the plugin was not called (the parent is gone,
+    /// outside the grant, or deleted without the host's finalizer): no
+    /// requeue, and a quarantine stays as it is.
+    Skipped,
 }
 
 /// The exponential backoff after `failures` consecutive failures.
@@ -290,6 +294,7 @@ impl QueueCore {
         if let Some(lane) = self.lanes.get_mut(&key.plugin) {
             lane.in_flight = lane.in_flight.saturating_sub(1);
             match outcome {
+                // Only a call that went through lifts a quarantine.
                 Outcome::Success { .. } => lane.next_probe = None,
                 Outcome::Quarantined if lane.next_probe.is_none() => {
                     lane.next_probe = Some(now + lane.quarantine_interval);
@@ -303,6 +308,9 @@ impl QueueCore {
                 if let Some(after) = requeue_after {
                     self.add_at(key.clone(), now + after, "requeue");
                 }
+            }
+            Outcome::Skipped => {
+                self.failures.remove(key);
             }
             Outcome::Failure | Outcome::Quarantined => {
                 let failures = self.failures.entry(key.clone()).or_insert(0);
@@ -332,6 +340,15 @@ impl QueueCore {
             *depth.entry(key.plugin.clone()).or_default() += 1;
         }
         depth
+    }
+
+    /// Keys of `plugin` being reconciled now (they finish even after the
+    /// plugin is removed).
+    pub fn in_flight_of(&self, plugin: &str) -> usize {
+        self.in_flight
+            .iter()
+            .filter(|k| &*k.plugin == plugin)
+            .count()
     }
 
     /// Keys ready now or in flight (not counting delayed ones).
@@ -582,6 +599,21 @@ mod tests {
         );
         assert!(!q.is_quarantined("a"));
         assert!(q.pop(probe_at).is_some() && q.pop(probe_at).is_some());
+    }
+
+    #[test]
+    fn only_a_call_that_went_through_lifts_a_quarantine() {
+        let now = Instant::now();
+        let mut q = core(&[("a", 4)]);
+        q.add(key("a", "x"), "event");
+        q.add(key("a", "gone"), "event");
+        let (k, _) = q.pop(now).unwrap();
+        q.done(&k, Outcome::Quarantined, now);
+        let later = now + QUARANTINE;
+        let (k, _) = q.pop(later).unwrap();
+        q.done(&k, Outcome::Skipped, later);
+        assert!(q.is_quarantined("a"), "a skipped key proves nothing");
+        assert!(q.pop(later).is_none());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::plan::{self, ApplyReason, FINALIZE_POLL, Observed, Plan, PlanError, Write};
 use crate::plugin::runtime::{CallError, wit};
 use crate::queue::{Outcome, QueueKey};
+use crate::tenant::limits::MAX_EVENT_MESSAGE_BYTES;
 use crate::tenant::quarantine::Transition;
 use crate::validate::{ParentRef, ValidationError, validate_events, validate_output};
 
@@ -63,7 +64,7 @@ pub enum Failure {
 
 impl From<ValidationError> for Failure {
     fn from(e: ValidationError) -> Self {
-        Self::InvalidOutput(e.to_string())
+        Self::InvalidOutput(bounded(e.to_string()))
     }
 }
 
@@ -176,21 +177,24 @@ pub async fn run(
     }
     let Some(parent) = plugin.parent_at(key) else {
         // Deleted: the garbage collector removes its children.
-        return Outcome::Success {
-            requeue_after: None,
-        };
+        return Outcome::Skipped;
     };
     if !plugin
         .loaded
         .grant
         .allows_namespace(parent.metadata.namespace.as_deref())
     {
-        // Outside the plugin's grant: the plugin may not act here at all.
+        // Outside the plugin's grant: the plugin may not act here at all,
+        // but a finalizer the host put there before the grant was narrowed
+        // must not strand the parent.
         tracing::debug!(plugin = %name, object = %key, "parent outside the plugin's granted namespaces");
         ctx.metrics.reconciled(name, "outside_grant", 0.0);
-        return Outcome::Success {
-            requeue_after: None,
-        };
+        if plan::has_finalizer(plugin.info(), &parent)
+            && let Err(e) = plugin.writer.release_finalizer(&parent).await
+        {
+            tracing::warn!(plugin = %name, object = %key, error = %e, "could not release the host's finalizer outside the grant");
+        }
+        return Outcome::Skipped;
     }
     let span = tracing::info_span!(
         "reconcile",
@@ -209,7 +213,8 @@ pub async fn run(
         ctx.metrics.plugin_log_dropped(name, dropped);
     }
     match result {
-        Ok(requeue_after) => {
+        Ok(Reconciled { called: false, .. }) => Outcome::Skipped,
+        Ok(Reconciled { requeue_after, .. }) => {
             if plugin.quarantine.success() == Transition::Lifted {
                 ctx.metrics.set_quarantined(name, false);
                 tracing::info!(parent: &span, "quarantine lifted: a reconcile succeeded");
@@ -238,10 +243,16 @@ pub async fn run(
             }
             report(plugin, &parent, &failure).await;
             match failure {
-                // The user must change the spec; the next resync looks again.
-                Failure::InvalidSpec(_) => Outcome::Success {
-                    requeue_after: None,
-                },
+                // The plugin answered (the user must change the spec): a
+                // call that went through. The next resync looks again.
+                Failure::InvalidSpec(_) => {
+                    if plugin.quarantine.success() == Transition::Lifted {
+                        ctx.metrics.set_quarantined(name, false);
+                    }
+                    Outcome::Success {
+                        requeue_after: None,
+                    }
+                }
                 _ if failure.is_plugin_fault() && plugin.quarantine.is_quarantined() => {
                     Outcome::Quarantined
                 }
@@ -310,11 +321,36 @@ fn snapshot(
     (children, input)
 }
 
+/// `text` cut to [`MAX_EVENT_MESSAGE_BYTES`]: whatever a plugin says ends
+/// up in logs, events and conditions, so it is bounded where it comes in.
+fn bounded(mut text: String) -> String {
+    crate::plugin::runtime::truncate(&mut text, MAX_EVENT_MESSAGE_BYTES);
+    text
+}
+
 fn plugin_error(e: wit::ReconcileError) -> Failure {
     match e {
-        wit::ReconcileError::InvalidSpec(m) => Failure::InvalidSpec(m),
-        wit::ReconcileError::Transient(m) => Failure::Plugin(format!("transient: {m}")),
-        wit::ReconcileError::BadInput(m) => Failure::Plugin(format!("bad input: {m}")),
+        wit::ReconcileError::InvalidSpec(m) => Failure::InvalidSpec(bounded(m)),
+        wit::ReconcileError::Transient(m) => Failure::Plugin(format!("transient: {}", bounded(m))),
+        wit::ReconcileError::BadInput(m) => Failure::Plugin(format!("bad input: {}", bounded(m))),
+    }
+}
+
+/// How a reconcile that did not fail went.
+struct Reconciled {
+    /// Look again after this long.
+    requeue_after: Option<Duration>,
+    /// Whether the plugin was called (only then does it count as a success
+    /// of the plugin).
+    called: bool,
+}
+
+impl Reconciled {
+    fn called(requeue_after: Option<Duration>) -> Self {
+        Self {
+            requeue_after,
+            called: true,
+        }
     }
 }
 
@@ -322,20 +358,24 @@ async fn reconcile_parent(
     plugin: &ActivePlugin,
     parent: &DynamicObject,
     trigger: &'static str,
-) -> Result<Option<Duration>, Failure> {
+) -> Result<Reconciled, Failure> {
     let info = plugin.info();
     let grant = &plugin.loaded.grant;
     let writer = &plugin.writer;
     let has_finalizer = plan::has_finalizer(info, parent);
     let deleting = parent.meta().deletion_timestamp.is_some();
+    let skipped = Reconciled {
+        requeue_after: None,
+        called: false,
+    };
     if deleting && !has_finalizer {
-        return Ok(None);
+        return Ok(skipped);
     }
     if deleting && !info.finalizer {
         // An earlier version held the finalizer; this one has nothing to
         // clean up, so the parent may go.
         writer.set_finalizer(parent, false).await?;
-        return Ok(None);
+        return Ok(skipped);
     }
     let (children, input) = snapshot(plugin, parent, trigger);
 
@@ -350,13 +390,13 @@ async fn reconcile_parent(
         }
         if finalized.done {
             writer.set_finalizer(parent, false).await?;
-            return Ok(None);
+            return Ok(Reconciled::called(None));
         }
-        return Ok(Some(
+        return Ok(Reconciled::called(Some(
             finalized
                 .requeue_after_ms
-                .map_or(FINALIZE_POLL, Duration::from_millis),
-        ));
+                .map_or(FINALIZE_POLL, crate::validate::requeue_after),
+        )));
     }
 
     let desired = plugin
@@ -404,7 +444,7 @@ async fn reconcile_parent(
     preflight(plugin, parent, &mut plan).await?;
     writer.execute(parent, &plan).await?;
     tracing::trace!(writes = plan.writes.len(), "applied");
-    Ok(plan.requeue_after)
+    Ok(Reconciled::called(plan.requeue_after))
 }
 
 /// Before anything is written: a child the caches do not hold may still
@@ -461,7 +501,11 @@ async fn preflight(
 /// finalizer is removed so the parent can go.
 pub async fn release(plugin: &ActivePlugin, parent: &DynamicObject) {
     let info = plugin.info();
-    if parent.meta().deletion_timestamp.is_some() && info.finalizer {
+    let granted = plugin
+        .loaded
+        .grant
+        .allows_namespace(parent.metadata.namespace.as_deref());
+    if parent.meta().deletion_timestamp.is_some() && info.finalizer && granted {
         let (_, input) = snapshot(plugin, parent, "plugin unloaded");
         match plugin.loaded.finalize(&input).await {
             Ok(Ok(f)) if f.done => {}
@@ -476,7 +520,7 @@ pub async fn release(plugin: &ActivePlugin, parent: &DynamicObject) {
             }
         }
     }
-    if let Err(e) = plugin.writer.set_finalizer(parent, false).await {
+    if let Err(e) = plugin.writer.release_finalizer(parent).await {
         tracing::warn!(plugin = %info.name, object = %parent.name_any(), error = %e, "could not release the host's finalizer");
     }
 }

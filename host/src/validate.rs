@@ -19,7 +19,7 @@ use crate::gvk::Gvk;
 use crate::plugin::info::PluginInfo;
 use crate::plugin::runtime::{truncate, wit};
 use crate::tenant::grant::Grant;
-use crate::tenant::limits::MAX_EVENT_MESSAGE_BYTES;
+use crate::tenant::limits::{MAX_EVENT_MESSAGE_BYTES, MIN_REQUEUE_AFTER};
 
 /// Longest event reason (the API server's limit for `reason` is 128).
 pub const MAX_EVENT_REASON: usize = 128;
@@ -64,6 +64,11 @@ pub struct Output {
     pub events: Vec<EventOut>,
     /// Look again after this long.
     pub requeue_after: Option<Duration>,
+}
+
+/// The requeue-after a plugin asked for, at least [`MIN_REQUEUE_AFTER`].
+pub fn requeue_after(ms: u64) -> Duration {
+    Duration::from_millis(ms).max(MIN_REQUEUE_AFTER)
 }
 
 /// Whether `reason` is an UpperCamelCase machine-readable reason.
@@ -364,7 +369,7 @@ pub fn validate_output(
         children,
         status,
         events,
-        requeue_after: desired.requeue_after_ms.map(Duration::from_millis),
+        requeue_after: desired.requeue_after_ms.map(requeue_after),
     })
 }
 
@@ -582,6 +587,15 @@ mod tests {
         c["metadata"]["labels"] =
             json!({"notkuwa.dev/x": "1", "test.kuwa.dev/x": "1", "app": "web"});
         assert!(check(&[c]).is_ok());
+    }
+
+    #[test]
+    fn requeues_have_a_floor() {
+        let mut d = desired(&[]);
+        d.requeue_after_ms = Some(0);
+        let out = run(&Grant::default(), d).unwrap();
+        assert_eq!(out.requeue_after, Some(MIN_REQUEUE_AFTER));
+        assert_eq!(requeue_after(30_000), Duration::from_secs(30));
     }
 
     #[test]

@@ -1279,6 +1279,52 @@ async fn a_version_dropping_the_finalizer_releases_parents() -> Result<()> {
     Ok(())
 }
 
+/// Hole 10: narrowing a plugin's grant away from a namespace releases the
+/// host's finalizer there (the one write the host still makes outside the
+/// grant), so the parent can be deleted; nothing else is written there.
+#[tokio::test(flavor = "multi_thread")]
+async fn narrowing_a_grant_releases_the_finalizers_it_no_longer_covers() -> Result<()> {
+    let client = client().await?;
+    let ns = TestNamespace::new(&client, "tenant-finalizer-narrow").await?;
+    let grant = format!("installCrd: true\nnamespaces: [{}]\n", ns.name);
+    let host = KuwaHost::start_with(
+        &ns.name,
+        &[plugin("webserver")?, test_plugin("finalizer")?],
+        &[("webserver", WEBSERVER_MANIFEST), ("finalizer", &grant)],
+        &[],
+    )
+    .await?;
+    start_webserver(&client, &ns.name, "site", "before").await?;
+    let api = test_api(&client, &ns.name, "FinalizerTest");
+    apply_json(
+        &client,
+        &ns.name,
+        &test_object("FinalizerTest", "kept", json!({"note": "x"})),
+    )
+    .await?;
+    wait_finalizer(&api, "kept", true).await?;
+    let narrowed = Instant::now();
+    replace_file(
+        &host.plugins_dir,
+        "finalizer.yaml",
+        b"installCrd: true\nnamespaces: [somewhere-else]\n",
+    )?;
+    wait_finalizer(&api, "kept", false)
+        .await
+        .with_context(|| host.log_tail(30))?;
+    println!(
+        "grant narrowed: finalizer released {:?} later",
+        narrowed.elapsed()
+    );
+    api.delete("kept", &DeleteParams::default()).await?;
+    let gone = wait_gone(&api, "kept").await?;
+    println!("parent gone {gone:?} after delete");
+    change_content(&client, &ns.name, "site", "after").await?;
+    drop(host);
+    ns.cleanup().await;
+    Ok(())
+}
+
 /// Hole 10: removing a plugin file releases its parents: one held in
 /// deletion goes away, an idle one loses the host's finalizer.
 #[tokio::test(flavor = "multi_thread")]

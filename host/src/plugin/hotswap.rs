@@ -465,7 +465,7 @@ impl PluginDir {
                     info.name,
                     other.display()
                 )));
-            } else if theirs.parent == info.parent {
+            } else if theirs.parent.same_kind(&info.parent) {
                 return Err(incompatible(format!(
                     "{} is already reconciled by plugin {} from {}",
                     info.parent,

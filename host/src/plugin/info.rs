@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::gvk::Gvk;
 use crate::plugin::runtime::wit;
+use crate::tenant::limits::MIN_RESYNC;
 
 fn gvk_from_wit(g: wit::Gvk) -> Result<Gvk, DescribeError> {
     if g.version.is_empty() || g.kind.is_empty() {
@@ -200,7 +201,9 @@ impl PluginInfo {
             children,
             related,
             finalizer: d.finalizer,
-            resync: d.resync_seconds.map(|s| Duration::from_secs(u64::from(s))),
+            resync: d
+                .resync_seconds
+                .map(|s| Duration::from_secs(u64::from(s)).max(MIN_RESYNC)),
             crd,
         })
     }

@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
-    UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig,
+    Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::{
     Deterministic, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView,
@@ -54,6 +54,18 @@ use bindings::{Reconciler, ReconcilerPre, kuwa};
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 pub use crate::tenant::limits::MAX_CONCURRENT_CALLS;
+
+/// Core instances one component may have. A Rust guest has a handful (its
+/// module and the WASI shims); components built by other toolchains a dozen
+/// or so. More is refused at load, so no component can exhaust the pool.
+pub const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 32;
+
+/// Linear memories one component may have (the memory cap applies to their
+/// sum).
+pub const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+
+/// Tables one component may have.
+pub const MAX_TABLES_PER_COMPONENT: u32 = 32;
 
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +158,7 @@ pub struct CallState {
     wasi: WasiCtx,
     table: ResourceTable,
     memory_cap: usize,
+    memory_used: usize,
     memory_exceeded: bool,
     plugin: Arc<str>,
     log_lines_left: u32,
@@ -172,6 +185,7 @@ impl CallState {
             wasi,
             table: ResourceTable::new(),
             memory_cap: limits.memory_bytes,
+            memory_used: 0,
             memory_exceeded: false,
             plugin,
             log_lines_left: limits.max_log_lines,
@@ -192,14 +206,17 @@ impl WasiView for CallState {
 impl wasmtime::ResourceLimiter for CallState {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_cap {
+        // The cap is for the call, across all of the component's memories.
+        let total = self.memory_used.saturating_sub(current) + desired;
+        if total > self.memory_cap {
             self.memory_exceeded = true;
             return Ok(false);
         }
+        self.memory_used = total;
         Ok(true)
     }
 
@@ -310,13 +327,19 @@ impl Runtime {
     /// compiled components are kept on disk there (if that directory is the
     /// host user's own; otherwise every start compiles, with a warning).
     pub fn new(cache_root: Option<&Path>) -> Result<Self, wasmtime::Error> {
+        // Every per-component maximum times the slots fits the totals, so no
+        // component (however many core instances, memories or tables it
+        // has) can use up what other plugins' calls need: one that needs
+        // more is refused when it is loaded.
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(MAX_CONCURRENT_CALLS)
-            .total_core_instances(MAX_CONCURRENT_CALLS * 8)
-            .total_memories(MAX_CONCURRENT_CALLS * 2)
-            .total_tables(MAX_CONCURRENT_CALLS * 8)
+            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+            .total_core_instances(MAX_CONCURRENT_CALLS * MAX_CORE_INSTANCES_PER_COMPONENT)
+            .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+            .total_memories(MAX_CONCURRENT_CALLS * MAX_MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
+            .total_tables(MAX_CONCURRENT_CALLS * MAX_TABLES_PER_COMPONENT)
             .total_stacks(MAX_CONCURRENT_CALLS)
-            .max_memories_per_component(4)
             .max_memory_size(MAX_MEMORY_CAP);
         let mut config = Config::new();
         config
@@ -575,6 +598,10 @@ impl LoadedPlugin {
             let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| {
                 if store.data().memory_exceeded {
                     CallError::MemoryLimit(self.limits.memory_bytes)
+                } else if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+                    // The host's pool, not the plugin (the slot semaphore
+                    // should make this unreachable).
+                    CallError::Instantiate(format!("{e:#}"))
                 } else {
                     CallError::Trap(format!("instantiating: {e:#}"))
                 }

@@ -243,7 +243,12 @@ impl Grant {
                     granted: granted.clone(),
                 });
             }
-            None if !carries_crd => return Err(GrantError::ParentNotGranted(parent.clone())),
+            // The CRD a plugin carries stands for a grant of its kind only
+            // when that kind is a custom one: a CRD claiming `v1/Secret`
+            // or `apps/v1/Deployment` grants nothing.
+            None if !carries_crd || !is_custom_group(&parent.group) => {
+                return Err(GrantError::ParentNotGranted(parent.clone()));
+            }
             _ => {}
         }
         if let Some(kind) = related.iter().find(|g| !self.related_kinds.contains(g)) {
@@ -251,6 +256,18 @@ impl Grant {
         }
         Ok(())
     }
+}
+
+/// Whether `group` can only belong to a custom resource: it has a dot (the
+/// API server requires one of CRD groups; the built-in groups without one —
+/// core, `apps`, `batch`, `policy`, ... — are excluded) and is not one of
+/// Kubernetes' own domains (`*.k8s.io`, `*.kubernetes.io`).
+pub fn is_custom_group(group: &str) -> bool {
+    let reserved = ["k8s.io", "kubernetes.io"];
+    group.contains('.')
+        && !reserved
+            .iter()
+            .any(|r| group == *r || group.ends_with(&format!(".{r}")))
 }
 
 /// The manifest path of a plugin file: same stem, `.yaml`.
@@ -535,6 +552,17 @@ mod tests {
             g.check(&pod, false, &[]),
             Err(GrantError::ParentNotGranted(pod.clone()))
         );
+        // A CRD for a built-in kind grants nothing: the kind must be named.
+        for builtin in [
+            Gvk::new("", "v1", "Secret"),
+            Gvk::new("apps", "v1", "Deployment"),
+            Gvk::new("networking.k8s.io", "v1", "Ingress"),
+        ] {
+            assert_eq!(
+                g.check(&builtin, true, &[]),
+                Err(GrantError::ParentNotGranted(builtin.clone()))
+            );
+        }
         // Reading anything must be granted; Secrets are no exception.
         let secret = Gvk::new("", "v1", "Secret");
         assert_eq!(

@@ -61,6 +61,15 @@ pub const DEFAULT_MAX_EVENTS: usize = 16;
 /// server's own limit for `note` is 1 KiB).
 pub const MAX_EVENT_MESSAGE_BYTES: usize = 1024;
 
+/// Shortest requeue-after a plugin may ask for (shorter ones are raised to
+/// it): a plugin answering "look again in 0 ms" would otherwise keep its
+/// concurrency slots busy for ever without failing, so without backoff.
+pub const MIN_REQUEUE_AFTER: Duration = Duration::from_secs(1);
+
+/// Shortest resync period a plugin may ask for (shorter ones are raised to
+/// it): a resync queues every parent of the plugin.
+pub const MIN_RESYNC: Duration = Duration::from_secs(10);
+
 /// Per-call limits of a plugin (the sandbox).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
