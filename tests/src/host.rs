@@ -296,10 +296,12 @@ impl Drop for KuwaHost {
     }
 }
 
-/// Sum of the samples of `name` (exact metric name, before `{`) whose labels
-/// include every pair in `labels`.
-pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
+/// The sum of the samples of `name` (exact metric name, before `{`) whose
+/// labels include every pair in `labels`, or `None` when no such series is
+/// exposed at all: a missing series is not a 0.
+pub fn metric_sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
@@ -317,7 +319,14 @@ pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             });
             ok.then(|| value.parse::<f64>().ok()).flatten()
         })
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// Like [`metric_sample`], with 0 for a missing series: only for counters a
+/// test has already seen exposed, or whose absence means the same as 0.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_sample(text, name, labels).unwrap_or(0.0)
 }
 
 /// A minimal HTTP/1.0 request on loopback; returns status code and body.

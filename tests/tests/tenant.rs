@@ -4,7 +4,7 @@
 //! while the hostile one misbehaves.
 //!
 //! Every wait is bounded; a metric is trusted at 0 only when its series is
-//! present in `/metrics` (see [`sample`]).
+//! present in `/metrics` (see `kuwa_e2e::host::metric_sample`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::{Client, ResourceExt};
-use kuwa_e2e::host::{KuwaHost, apply_json, http, plugin, test_plugin};
+use kuwa_e2e::host::{KuwaHost, apply_json, http, metric_sample, plugin, test_plugin};
 use kuwa_e2e::objects::{condition, owned_by, wait_content, webserver, webservers};
 use kuwa_e2e::{TestNamespace, client, kubeconfig_path, wait_for, workspace_root};
 use serde_json::{Value, json};
@@ -139,36 +139,9 @@ async fn wait_degraded(
     .await
 }
 
-/// The sum of the samples of `name` whose labels include every pair of
-/// `labels`, or `None` when no such series is exposed at all: a missing
-/// series is not a 0.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let values: Vec<f64> = text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, label_text) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            let ok = labels.iter().all(|(k, v)| {
-                label_text
-                    .split(',')
-                    .any(|pair| pair == format!("{k}=\"{v}\""))
-            });
-            ok.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
-}
-
-/// Like [`sample`], failing (with the metric's lines) when the series is missing.
+/// Like [`metric_sample`], failing (with the metric's lines) when the series is missing.
 fn present(text: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-    sample(text, name, labels).with_context(|| {
+    metric_sample(text, name, labels).with_context(|| {
         format!(
             "no series {name}{labels:?} in /metrics; {name} lines:\n{}",
             text.lines()
@@ -193,7 +166,7 @@ async fn wait_metric(
         CONVERGE,
         || async move {
             let text = host.metrics().await?;
-            Ok(sample(&text, name, labels).filter(|v| ok(*v)))
+            Ok(metric_sample(&text, name, labels).filter(|v| ok(*v)))
         },
     )
     .await
