@@ -470,7 +470,7 @@ async fn test(args: &TestArgs) -> anyhow::Result<()> {
         children
             .iter()
             .find(|c| {
-                Gvk::of_object(&plan::object_json(c)).as_ref() == Some(gvk)
+                Gvk::of_dynamic(c).as_ref() == Some(gvk)
                     && c.metadata.name.as_deref() == Some(name)
                     && c.metadata.namespace.as_deref() == ns
             })

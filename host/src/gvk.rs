@@ -44,6 +44,18 @@ impl Gvk {
         Some(Self::new(group, version, kind))
     }
 
+    /// The kind of a cached object, from its type meta (the caches fill it
+    /// in), without serializing the object.
+    pub fn of_dynamic(object: &kube::api::DynamicObject) -> Option<Self> {
+        let types = object.types.as_ref()?;
+        let (group, version) = types
+            .api_version
+            .rsplit_once('/')
+            .unwrap_or(("", &types.api_version));
+        (!version.is_empty() && !types.kind.is_empty())
+            .then(|| Self::new(group, version, &types.kind))
+    }
+
     /// Parses `group/version/Kind` (`version/Kind` for the core group), the
     /// form manifests and messages use.
     pub fn parse(text: &str) -> Option<Self> {
@@ -92,5 +104,18 @@ mod tests {
             assert_eq!(Gvk::parse(bad), None, "{bad}");
         }
         assert_eq!(Gvk::parse(&g.to_string()), Some(g));
+        let cached: kube::api::DynamicObject = serde_json::from_value(
+            serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}}),
+        )
+        .unwrap();
+        assert_eq!(
+            Gvk::of_dynamic(&cached),
+            Some(Gvk::new("apps", "v1", "Deployment"))
+        );
+        let untyped = kube::api::DynamicObject {
+            types: None,
+            ..cached
+        };
+        assert_eq!(Gvk::of_dynamic(&untyped), None);
     }
 }

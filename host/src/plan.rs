@@ -555,7 +555,7 @@ pub fn reconcile(seen: &Observed<'_>, output: Output) -> Result<Plan, PlanError>
         }
     }
     for child in seen.children {
-        let Some(gvk) = Gvk::of_object(&object_json(child)) else {
+        let Some(gvk) = Gvk::of_dynamic(child) else {
             continue;
         };
         if keep.contains(&(gvk.clone(), child.name_any()))

@@ -69,7 +69,8 @@ impl FieldManager {
 /// A plugin's `describe`, validated.
 #[derive(Debug, Clone)]
 pub struct PluginInfo {
-    /// Plugin name (DNS-1123 label); the API field manager.
+    /// Plugin name (DNS-1123 label), unique per host; its field managers
+    /// are `kuwa/<name>[/<part>]` ([`PluginInfo::field_manager`]).
     pub name: Arc<str>,
     /// Plugin version.
     pub version: String,

@@ -143,11 +143,13 @@ impl HostMonotonicClock for FrozenClock {
 /// depends on its input alone (a guest's hash maps are seeded from it, for
 /// instance). Plugins get no real entropy: they have no use for secrets.
 fn random_bytes(seed: &[u8]) -> Vec<u8> {
+    // Hash the (kilobytes of) input once; expand from its digest.
+    let digest = Sha256::digest(seed);
     (0u8..8)
         .flat_map(|i| {
             let mut h = Sha256::new();
             h.update([i]);
-            h.update(seed);
+            h.update(digest);
             h.finalize()
         })
         .collect()
