@@ -52,6 +52,15 @@ pub struct ApiWriter {
 }
 
 impl ApiWriter {
+    /// Takes a cell of `plugin`'s `budget` (waiting for one if need be) and
+    /// counts the write: every write of the host goes through here.
+    async fn permit(&self, budget: &WriteBudget, plugin: &str, verb: &'static str, kind: &str) {
+        if budget.take().await {
+            self.metrics.write_budget_wait(plugin);
+        }
+        self.metrics.api_write(plugin, verb, kind);
+    }
+
     /// A writer reporting events as `kuwa`.
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter {
@@ -106,22 +115,22 @@ impl Target<'_> {
 pub struct PluginWriter {
     api: Arc<ApiWriter>,
     plugin: Arc<LoadedPlugin>,
-    budget: WriteBudget,
+    budget: Arc<WriteBudget>,
     parent: ApiResource,
     children: HashMap<Gvk, ChildResource>,
 }
 
 impl PluginWriter {
-    /// The writer of `plugin`, for its parent kind at `parent` and its child
-    /// kinds at `children`.
+    /// The writer of `plugin` within `budget` (the plugin's, which outlives
+    /// one version), for its parent kind at `parent` and its child kinds at
+    /// `children`.
     pub fn new(
         api: Arc<ApiWriter>,
         plugin: Arc<LoadedPlugin>,
+        budget: Arc<WriteBudget>,
         parent: ApiResource,
         children: HashMap<Gvk, ChildResource>,
     ) -> Self {
-        let grant = &plugin.grant;
-        let budget = WriteBudget::new(grant.writes_per_second, grant.write_burst);
         Self {
             api,
             plugin,
@@ -135,13 +144,10 @@ impl PluginWriter {
         &self.plugin.info
     }
 
-    /// Takes a budget token and counts the write.
     async fn permit(&self, verb: &'static str, gvk: &Gvk) {
-        let name = &*self.info().name;
-        if self.budget.take().await {
-            self.api.metrics.write_budget_wait(name);
-        }
-        self.api.metrics.api_write(name, verb, &gvk.to_string());
+        self.api
+            .permit(&self.budget, &self.info().name, verb, &gvk.to_string())
+            .await;
     }
 
     fn params(&self, part: FieldManager) -> PatchParams {
@@ -514,14 +520,13 @@ impl ApiWriter {
         let parsed = check_crd(info, crd)?;
         let name = parsed.metadata.name.clone().unwrap_or_default();
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
-        if budget.take().await {
-            self.metrics.write_budget_wait(&info.name);
-        }
-        self.metrics.api_write(
+        self.permit(
+            budget,
             &info.name,
             "crd",
             "apiextensions.k8s.io/v1/CustomResourceDefinition",
-        );
+        )
+        .await;
         api.patch(
             &name,
             &PatchParams::apply(&info.field_manager(FieldManager::Crd)).force(),

@@ -108,6 +108,7 @@ pub struct Host {
     /// The health of the core tasks.
     pub health: Health,
     api: Arc<ApiWriter>,
+    budgets: Mutex<HashMap<Arc<str>, Arc<WriteBudget>>>,
     config: HostConfig,
     context: Arc<Context>,
     started: AtomicBool,
@@ -130,6 +131,7 @@ impl Host {
                 metrics.clone(),
             ),
             api: Arc::new(ApiWriter::new(client, metrics.clone())),
+            budgets: Mutex::default(),
             queue: Arc::new(WorkQueue::new()),
             context: Arc::new(Context {
                 metrics: metrics.clone(),
@@ -149,12 +151,26 @@ impl Host {
         self.plugins.get(name)
     }
 
-    /// Installs the CRD `loaded` carries, if its grant allows it; the write
-    /// is counted and budgeted like any other of the plugin's.
-    pub async fn install_crd(&self, loaded: &LoadedPlugin) -> Result<Option<String>, CrdError> {
+    /// The write budget of the plugin `loaded` is a version of: one per
+    /// plugin name, kept across versions with the same grant (reloading a
+    /// plugin does not refill its burst) and made anew when the grant's
+    /// rate or burst changes.
+    fn budget(&self, loaded: &LoadedPlugin) -> Arc<WriteBudget> {
         let grant = &loaded.grant;
-        let budget = WriteBudget::new(grant.writes_per_second, grant.write_burst);
-        self.api.install_crd(loaded, &budget).await
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let budget = budgets.entry(loaded.info.name.clone()).or_insert_with(|| {
+            Arc::new(WriteBudget::new(grant.writes_per_second, grant.write_burst))
+        });
+        if !budget.is(grant.writes_per_second, grant.write_burst) {
+            *budget = Arc::new(WriteBudget::new(grant.writes_per_second, grant.write_burst));
+        }
+        budget.clone()
+    }
+
+    /// Installs the CRD `loaded` carries, if its grant allows it; the write
+    /// is counted and takes from the plugin's budget like any other.
+    pub async fn install_crd(&self, loaded: &LoadedPlugin) -> Result<Option<String>, CrdError> {
+        self.api.install_crd(loaded, &self.budget(loaded)).await
     }
 
     async fn acquire(&self, loaded: Arc<LoadedPlugin>) -> Result<ActivePlugin, CacheError> {
@@ -201,6 +217,7 @@ impl Host {
             writer: PluginWriter::new(
                 self.api.clone(),
                 loaded.clone(),
+                self.budget(&loaded),
                 parent.resource.clone(),
                 resources,
             ),
@@ -292,6 +309,10 @@ impl Host {
             })
             .await;
         self.release(&p).await;
+        self.budgets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         self.metrics.plugin_unloaded(name);
         tracing::info!(plugin = %name, released_finalizers = released, "plugin unloaded");
     }

@@ -16,6 +16,8 @@ const MAX_PERIOD: Duration = Duration::from_secs(3600);
 /// A plugin's write budget.
 pub struct WriteBudget {
     limiter: DefaultDirectRateLimiter,
+    rate: f64,
+    burst: u32,
 }
 
 impl std::fmt::Debug for WriteBudget {
@@ -42,7 +44,15 @@ impl WriteBudget {
             .allow_burst(NonZeroU32::new(burst.max(1)).expect("at least 1"));
         Self {
             limiter: RateLimiter::direct(quota),
+            rate,
+            burst,
         }
+    }
+
+    /// Whether this budget is the one a grant of `rate` and `burst` asks
+    /// for (a new version with the same grant keeps the budget it has).
+    pub fn is(&self, rate: f64, burst: u32) -> bool {
+        self.rate == rate && self.burst == burst
     }
 
     /// Takes a cell now if there is one.
@@ -83,6 +93,13 @@ mod tests {
             elapsed >= Duration::from_millis(110) && elapsed <= Duration::from_secs(2),
             "{elapsed:?}"
         );
+    }
+
+    #[test]
+    fn a_budget_knows_its_grant() {
+        let budget = WriteBudget::new(20.0, 40);
+        assert!(budget.is(20.0, 40));
+        assert!(!budget.is(20.0, 41) && !budget.is(21.0, 40));
     }
 
     #[test]
