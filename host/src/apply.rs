@@ -23,10 +23,10 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::cache::PLUGIN_LABEL;
+use crate::cache::{ObjKey, PLUGIN_LABEL};
 use crate::gvk::Gvk;
 use crate::metrics::Metrics;
-use crate::plan::{PLUGIN_VERSION_ANNOTATION, Plan, Write, owner_reference};
+use crate::plan::{Plan, Write, owner_reference};
 use crate::plugin::info::{FieldManager, PluginInfo};
 use crate::plugin::runtime::LoadedPlugin;
 use crate::tenant::budget::WriteBudget;
@@ -52,10 +52,19 @@ pub struct ApiWriter {
 }
 
 impl ApiWriter {
-    /// Takes a cell of `plugin`'s `budget` (waiting for one if need be) and
-    /// counts the write: every write of the host goes through here.
-    async fn permit(&self, budget: &WriteBudget, plugin: &str, verb: &'static str, kind: &str) {
-        if budget.take().await {
+    /// Takes a cell of `plugin`'s `budget`, if it has one (waiting for one
+    /// if need be), and counts the write: every write of the host goes
+    /// through here.
+    async fn permit(
+        &self,
+        budget: Option<&WriteBudget>,
+        plugin: &str,
+        verb: &'static str,
+        kind: &str,
+    ) {
+        if let Some(budget) = budget
+            && budget.take().await
+        {
             self.metrics.write_budget_wait(plugin);
         }
         self.metrics.api_write(plugin, verb, kind);
@@ -115,9 +124,62 @@ impl Target<'_> {
 pub struct PluginWriter {
     api: Arc<ApiWriter>,
     plugin: Arc<LoadedPlugin>,
-    budget: Arc<WriteBudget>,
+    budget: Option<Arc<WriteBudget>>,
     parent: ApiResource,
     children: HashMap<Gvk, ChildResource>,
+    echoes: Echoes,
+}
+
+/// The resourceVersions the host's own writes gave each parent, so the
+/// watch event each write causes (its echo) does not queue the parent again:
+/// the reconcile that wrote it already knows the outcome.
+#[derive(Default)]
+struct Echoes(std::sync::Mutex<HashMap<ObjKey, Vec<String>>>);
+
+/// At most this many writes of one parent are remembered (a reconcile makes
+/// at most two: the finalizer and the status).
+const ECHOES_PER_PARENT: usize = 4;
+
+impl Echoes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjKey, Vec<String>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, object: &DynamicObject) {
+        let Some(rv) = object.metadata.resource_version.clone() else {
+            return;
+        };
+        let mut echoes = self.lock();
+        let seen = echoes.entry(ObjKey::of(object)).or_default();
+        if seen.len() >= ECHOES_PER_PARENT {
+            seen.remove(0);
+        }
+        seen.push(rv);
+    }
+
+    fn take(&self, object: &DynamicObject) -> bool {
+        let Some(rv) = object.metadata.resource_version.as_deref() else {
+            return false;
+        };
+        let mut echoes = self.lock();
+        let key = ObjKey::of(object);
+        let Some(seen) = echoes.get_mut(&key) else {
+            return false;
+        };
+        let Some(i) = seen.iter().position(|s| s == rv) else {
+            return false;
+        };
+        // Versions before this one can no longer arrive.
+        seen.drain(..=i);
+        if seen.is_empty() {
+            echoes.remove(&key);
+        }
+        true
+    }
+
+    fn forget(&self, object: &DynamicObject) {
+        self.lock().remove(&ObjKey::of(object));
+    }
 }
 
 impl PluginWriter {
@@ -127,7 +189,7 @@ impl PluginWriter {
     pub fn new(
         api: Arc<ApiWriter>,
         plugin: Arc<LoadedPlugin>,
-        budget: Arc<WriteBudget>,
+        budget: Option<Arc<WriteBudget>>,
         parent: ApiResource,
         children: HashMap<Gvk, ChildResource>,
     ) -> Self {
@@ -137,7 +199,21 @@ impl PluginWriter {
             budget,
             parent,
             children,
+            echoes: Echoes::default(),
         }
+    }
+
+    /// Whether this change of a parent is the echo of one of the host's own
+    /// writes for this plugin (its resourceVersion is one a write returned):
+    /// nothing changed that the reconcile which wrote it did not know, so
+    /// the parent need not be queued again. Each echo is recognised once.
+    pub fn is_own_echo(&self, parent: &DynamicObject) -> bool {
+        self.echoes.take(parent)
+    }
+
+    /// Forgets the writes remembered for a parent that is gone.
+    pub fn forget(&self, parent: &DynamicObject) {
+        self.echoes.forget(parent);
     }
 
     fn info(&self) -> &PluginInfo {
@@ -146,7 +222,12 @@ impl PluginWriter {
 
     async fn permit(&self, verb: &'static str, gvk: &Gvk) {
         self.api
-            .permit(&self.budget, &self.info().name, verb, &gvk.to_string())
+            .permit(
+                self.budget.as_deref(),
+                &self.info().name,
+                verb,
+                &gvk.to_string(),
+            )
             .await;
     }
 
@@ -217,9 +298,25 @@ impl PluginWriter {
         Ok(t.api(&self.api.client).get_opt(name).await?)
     }
 
-    /// Carries out `plan` for `parent`, in order. Stops at the first error.
+    /// Carries out `plan` for `parent`: finalizer changes first, then every
+    /// child apply and delete at once (they are independent of each other),
+    /// then, if all of them went through, the status and the events. Returns
+    /// the first error.
     pub async fn execute(&self, parent: &DynamicObject, plan: &Plan) -> Result<(), WriteError> {
-        for write in &plan.writes {
+        let (children, rest): (Vec<&Write>, Vec<&Write>) = plan
+            .writes
+            .iter()
+            .partition(|w| matches!(w, Write::Apply { .. } | Write::Delete { .. }));
+        let (first, last): (Vec<&Write>, Vec<&Write>) = rest
+            .into_iter()
+            .partition(|w| matches!(w, Write::Finalizer(_)));
+        for write in first {
+            self.write(parent, write).await?;
+        }
+        let results =
+            futures::future::join_all(children.iter().map(|w| self.write(parent, w))).await;
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        for write in last {
             self.write(parent, write).await?;
         }
         Ok(())
@@ -254,7 +351,6 @@ impl PluginWriter {
                 self.event(parent, e).await;
                 Ok(())
             }
-            Write::Version(v) => self.set_version(parent, v).await,
         }
     }
 
@@ -341,29 +437,15 @@ impl PluginWriter {
         self.permit("status", t.gvk).await;
         let mut body = t.apply_body(json!({}));
         body["status"] = status.clone();
-        t.api(&self.api.client)
+        let written = t
+            .api(&self.api.client)
             .patch_status(
                 t.name,
                 &self.params(FieldManager::Status),
                 &Patch::Apply(&body),
             )
             .await?;
-        Ok(())
-    }
-
-    /// Records on a parent which plugin version reconciled it, as the
-    /// annotation [`PLUGIN_VERSION_ANNOTATION`].
-    async fn set_version(&self, parent: &DynamicObject, value: &str) -> Result<(), WriteError> {
-        let t = self.parent_target(parent);
-        self.permit("annotate", t.gvk).await;
-        let body = t.apply_body(json!({"annotations": {PLUGIN_VERSION_ANNOTATION: value}}));
-        t.api(&self.api.client)
-            .patch(
-                t.name,
-                &self.params(FieldManager::Version),
-                &Patch::Apply(&body),
-            )
-            .await?;
+        self.echoes.record(&written);
         Ok(())
     }
 
@@ -408,7 +490,10 @@ impl PluginWriter {
             )
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(written) => {
+                self.echoes.record(&written);
+                Ok(())
+            }
             Err(kube::Error::Api(e)) if e.code == 404 && !present => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -508,7 +593,7 @@ impl ApiWriter {
     pub async fn install_crd(
         &self,
         plugin: &LoadedPlugin,
-        budget: &WriteBudget,
+        budget: Option<&WriteBudget>,
     ) -> Result<Option<String>, CrdError> {
         let info = &plugin.info;
         let Some(crd) = &info.crd else {

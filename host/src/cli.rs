@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::cache::PLUGIN_LABEL;
 use crate::gvk::Gvk;
-use crate::host::{DEFAULT_PLUGIN_CONCURRENCY, Host, HostConfig};
+use crate::host::{Host, HostConfig};
 use crate::metrics::Metrics;
 use crate::plan::{self, owner_reference, prepare_child};
 use crate::plugin::hotswap::PluginDir;
@@ -102,9 +102,11 @@ struct RunArgs {
     /// Reconciles in flight at once across all plugins (at most the instance pool, 64).
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_concurrent_reconciles: usize,
-    /// Reconciles in flight at once per plugin.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_PLUGIN_CONCURRENCY)]
-    plugin_concurrency: usize,
+    /// Caps the reconciles of each plugin at once (a grant's `concurrency` overrides it).
+    /// Default: none: a plugin alone may use every slot of --max-concurrent-reconciles,
+    /// and plugins with work share the slots fairly.
+    #[arg(long, value_name = "N")]
+    plugin_concurrency: Option<usize>,
     /// Wall-clock deadline of one plugin call, host calls included (at most 60s).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     call_deadline: Duration,
@@ -200,11 +202,10 @@ fn check_run_args(args: &RunArgs) -> anyhow::Result<()> {
             args.max_concurrent_reconciles
         );
     }
-    if args.plugin_concurrency == 0 || args.plugin_concurrency > pool {
-        bail!(
-            "--plugin-concurrency must be between 1 and {pool}, got {}",
-            args.plugin_concurrency
-        );
+    if let Some(n) = args.plugin_concurrency
+        && (n == 0 || n > pool)
+    {
+        bail!("--plugin-concurrency must be between 1 and {pool}, got {n}");
     }
     if args.call_deadline.is_zero() || args.call_deadline > MAX_DEADLINE {
         bail!(

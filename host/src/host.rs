@@ -25,9 +25,6 @@ use crate::reconcile::{self, Context};
 use crate::tenant::budget::WriteBudget;
 use crate::tenant::quarantine::Quarantine;
 
-/// Default reconciles of one plugin at once.
-pub const DEFAULT_PLUGIN_CONCURRENCY: usize = 4;
-
 /// How long unloading a plugin waits for its reconciles still running.
 pub const UNLOAD_DRAIN: Duration = Duration::from_secs(30);
 
@@ -42,8 +39,9 @@ pub struct HostConfig {
     pub resync_period: Duration,
     /// Reconciles in flight at once, across all plugins.
     pub max_concurrent_reconciles: usize,
-    /// Reconciles in flight at once for one plugin.
-    pub plugin_concurrency: usize,
+    /// Reconciles in flight at once for one plugin, unless its grant says
+    /// (None: work-conserving, see [`crate::queue`]).
+    pub plugin_concurrency: Option<usize>,
     /// Watch namespaced kinds in this namespace only (None: all namespaces).
     pub namespace: Option<String>,
     /// How long a reconcile waits for its plugin's caches to sync.
@@ -123,6 +121,8 @@ impl Host {
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, mpsc::Receiver<Change>) {
         let (tx, rx) = change_channel();
+        let queue = Arc::new(WorkQueue::new());
+        queue.with(|q| q.set_capacity(config.max_concurrent_reconciles));
         let host = Arc::new(Self {
             caches: Caches::new(
                 client.clone(),
@@ -132,7 +132,7 @@ impl Host {
             ),
             api: Arc::new(ApiWriter::new(client, metrics.clone())),
             budgets: Mutex::default(),
-            queue: Arc::new(WorkQueue::new()),
+            queue,
             context: Arc::new(Context {
                 metrics: metrics.clone(),
                 sync_timeout: config.sync_timeout,
@@ -151,26 +151,33 @@ impl Host {
         self.plugins.get(name)
     }
 
-    /// The write budget of the plugin `loaded` is a version of: one per
-    /// plugin name, kept across versions with the same grant (reloading a
-    /// plugin does not refill its burst) and made anew when the grant's
-    /// rate or burst changes.
-    fn budget(&self, loaded: &LoadedPlugin) -> Arc<WriteBudget> {
+    /// The write budget of the plugin `loaded` is a version of, if its grant
+    /// caps its writes: one per plugin name, kept across versions with the
+    /// same grant (reloading a plugin does not refill its burst) and made
+    /// anew when the grant's rate or burst changes. None: no cap of its own
+    /// (work-conserving; its share of the host's reconcile slots bounds it).
+    fn budget(&self, loaded: &LoadedPlugin) -> Option<Arc<WriteBudget>> {
         let grant = &loaded.grant;
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        let budget = budgets.entry(loaded.info.name.clone()).or_insert_with(|| {
-            Arc::new(WriteBudget::new(grant.writes_per_second, grant.write_burst))
-        });
-        if !budget.is(grant.writes_per_second, grant.write_burst) {
-            *budget = Arc::new(WriteBudget::new(grant.writes_per_second, grant.write_burst));
+        let Some(rate) = grant.writes_per_second else {
+            budgets.remove(&loaded.info.name);
+            return None;
+        };
+        let budget = budgets
+            .entry(loaded.info.name.clone())
+            .or_insert_with(|| Arc::new(WriteBudget::new(rate, grant.write_burst)));
+        if !budget.is(rate, grant.write_burst) {
+            *budget = Arc::new(WriteBudget::new(rate, grant.write_burst));
         }
-        budget.clone()
+        Some(budget.clone())
     }
 
     /// Installs the CRD `loaded` carries, if its grant allows it; the write
     /// is counted and takes from the plugin's budget like any other.
     pub async fn install_crd(&self, loaded: &LoadedPlugin) -> Result<Option<String>, CrdError> {
-        self.api.install_crd(loaded, &self.budget(loaded)).await
+        self.api
+            .install_crd(loaded, self.budget(loaded).as_deref())
+            .await
     }
 
     async fn acquire(&self, loaded: Arc<LoadedPlugin>) -> Result<ActivePlugin, CacheError> {
@@ -261,7 +268,7 @@ impl Host {
         self.metrics
             .plugin_loaded(&info.name, &info.version, &active.loaded.sha256);
         let grant = &active.loaded.grant;
-        let concurrency = grant.concurrency.unwrap_or(self.config.plugin_concurrency);
+        let concurrency = grant.concurrency.or(self.config.plugin_concurrency);
         let interval = grant.quarantine_interval;
         self.queue.with(|q| {
             q.set_plugin(info.name.clone(), concurrency, interval);
@@ -341,7 +348,11 @@ impl Host {
         for p in self.plugins.all() {
             let info = p.info();
             if info.parent == change.gvk && change.view == View::All {
-                if !change.deleted {
+                if change.deleted {
+                    p.writer.forget(&change.object);
+                } else if p.writer.is_own_echo(&change.object) {
+                    self.metrics.echo_skipped(&info.name);
+                } else {
                     self.queue.add(
                         p.key(change.object.namespace(), change.object.name_any()),
                         "parent changed",

@@ -40,6 +40,8 @@ pub struct Metrics {
     plugin_log_dropped: Family<Labels, Counter>,
     cache_sync_timeouts: Family<Labels, Counter>,
     reconcile_panics: Family<Labels, Counter>,
+    own_write_echoes: Family<Labels, Counter>,
+    stage_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -73,6 +75,8 @@ impl Metrics {
             plugin_log_dropped: Family::default(),
             cache_sync_timeouts: Family::default(),
             reconcile_panics: Family::default(),
+            own_write_echoes: Family::default(),
+            stage_seconds: Family::default(),
         };
         registry.register(
             "kuwa_reconciles",
@@ -168,6 +172,16 @@ impl Metrics {
             "kuwa_reconcile_panics",
             "Reconciles that panicked in the host (a bug); the key backed off, by plugin",
             m.reconcile_panics.clone(),
+        );
+        registry.register(
+            "kuwa_own_write_echoes",
+            "Parent changes that were the echo of the host's own write (its status or finalizer) and queued nothing, by plugin",
+            m.own_write_echoes.clone(),
+        );
+        registry.register(
+            "kuwa_reconcile_stage_seconds",
+            "Time spent in each stage of reconciles (snapshot, instantiate, guest, validate, plan, preflight, apply), by plugin; divide by kuwa_reconciles_total for the cost of one",
+            m.stage_seconds.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
@@ -331,6 +345,20 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a parent change that was the echo of the host's own write.
+    pub fn echo_skipped(&self, plugin: &str) {
+        self.own_write_echoes
+            .get_or_create(&vec![("plugin", plugin.into())])
+            .inc();
+    }
+
+    /// Adds time spent in one stage of a reconcile.
+    pub fn stage(&self, plugin: &str, stage: &'static str, seconds: f64) {
+        self.stage_seconds
+            .get_or_create(&vec![("plugin", plugin.into()), ("stage", stage.into())])
+            .inc_by(seconds);
+    }
+
     /// The metrics in Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -403,6 +431,8 @@ mod tests {
         m.plugin_log_dropped("p", 3);
         m.cache_sync_timeout("p");
         m.reconcile_panic("p");
+        m.echo_skipped("p");
+        m.stage("p", "guest", 0.001);
         let text = m.render();
         for name in [
             "kuwa_plugin_load_errors_total",
@@ -413,6 +443,8 @@ mod tests {
             "kuwa_plugin_log_dropped_total",
             "kuwa_cache_sync_timeouts_total",
             "kuwa_reconcile_panics_total",
+            "kuwa_own_write_echoes_total",
+            "kuwa_reconcile_stage_seconds_total",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(name)),

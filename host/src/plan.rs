@@ -35,9 +35,6 @@ use crate::validate::{EventOut, Output};
 /// Annotation on each child: hash of the object the plugin last asked for.
 pub const DESIRED_HASH_ANNOTATION: &str = "kuwa.dev/desired-hash";
 
-/// Annotation on each parent: `<plugin>@<version>` that last reconciled it.
-pub const PLUGIN_VERSION_ANNOTATION: &str = "kuwa.dev/plugin-version";
-
 /// The condition the host owns on every parent.
 pub const DEGRADED: &str = "Degraded";
 
@@ -276,6 +273,11 @@ fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
         .find(|c| c["type"] == type_)
 }
 
+/// Whether a status carries a `conditions` list.
+fn has_conditions(status: &Value) -> bool {
+    status.get("conditions").is_some_and(Value::is_array)
+}
+
 /// Same JSON, up to the value-equality of numbers and quantities.
 fn same(a: &Value, b: &Value) -> bool {
     is_subset(a, b) && is_subset(b, a)
@@ -284,8 +286,9 @@ fn same(a: &Value, b: &Value) -> bool {
 /// What the host says in the parent's `Degraded` condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
-    /// The reconcile went through.
-    Reconciled,
+    /// The reconcile went through, by this plugin version
+    /// (`<plugin>@<version>`, said in the condition's message).
+    Reconciled(String),
     /// It failed with this reason (`InvalidSpec`, `InvalidOutput`,
     /// `ChildConflict`, `CacheNotSynced`) and message.
     Degraded(&'static str, String),
@@ -293,8 +296,14 @@ pub enum Health {
 
 /// The status to write on `parent`: the plugin's `desired` status (or the
 /// current one when the plugin leaves it alone) with the host's `Degraded`
-/// condition. `None` when nothing needs writing: the status on the server
-/// already says exactly this, or there is nothing to say.
+/// condition, whose message after a successful reconcile names the plugin
+/// version that made it (`reconciled by webserver@0.2.0`): the version
+/// rides in the status write the host makes anyway, not in a write of its
+/// own. `None` when nothing needs writing: the status on the server already
+/// says exactly this, or there is nothing to say (the plugin writes no
+/// status and the host never marked the parent). A status without
+/// `conditions` gets none added on success (its schema may not have them),
+/// so the version is said only where conditions are.
 pub fn status_write(
     parent: &DynamicObject,
     desired: Option<&Value>,
@@ -304,7 +313,6 @@ pub fn status_write(
     let current = parent.data.get("status").cloned().unwrap_or(Value::Null);
     let current_degraded = condition(&current, DEGRADED).cloned();
     let mut status = desired.cloned().unwrap_or_else(|| current.clone());
-    let plugin_degraded = desired.is_some_and(|d| condition(d, DEGRADED).is_some());
     // The host's condition replaces whatever the plugin said about it,
     // keeping the time it last flipped.
     // (`get_mut`, not indexing: indexing would add `conditions: null` to a
@@ -332,19 +340,26 @@ pub fn status_write(
                 now,
             );
         }
-        Health::Reconciled if current_degraded.is_some() || plugin_degraded => {
+        // Only a status that has conditions gets the host's: a schema
+        // without them would refuse the write.
+        Health::Reconciled(_)
+            if current_degraded.is_none() && !desired.is_some_and(has_conditions) =>
+        {
+            if desired.is_none() {
+                return None;
+            }
+        }
+        Health::Reconciled(by) => {
             upsert_condition(
                 &mut status,
                 DEGRADED,
                 false,
                 "AsExpected",
-                "reconciled",
+                &format!("reconciled by {by}"),
                 generation,
                 now,
             );
         }
-        Health::Reconciled if desired.is_none() => return None,
-        Health::Reconciled => {}
     }
     (!same(&status, &current)).then_some(status)
 }
@@ -382,8 +397,6 @@ pub enum Write {
     Status(Value),
     /// Record an event on the parent.
     Event(EventOut),
-    /// Record which plugin version reconciled the parent.
-    Version(String),
 }
 
 impl Write {
@@ -398,7 +411,6 @@ impl Write {
             Self::Delete { gvk, name, .. } => format!("delete {gvk} {name} (no longer desired)"),
             Self::Status(_) => "apply status (changed)".into(),
             Self::Event(e) => format!("event {} {}", e.kind(), e.reason),
-            Self::Version(v) => format!("annotate {PLUGIN_VERSION_ANNOTATION}={v}"),
         }
     }
 }
@@ -570,19 +582,16 @@ pub fn reconcile(seen: &Observed<'_>, output: Output) -> Result<Plan, PlanError>
             uid: child.uid().unwrap_or_default(),
         });
     }
+    let by = format!("{}@{}", info.name, info.version);
     if let Some(status) = status_write(
         parent,
         output.status.as_ref(),
-        &Health::Reconciled,
+        &Health::Reconciled(by),
         seen.now,
     ) {
         writes.push(Write::Status(status));
     }
     writes.extend(output.events.into_iter().map(Write::Event));
-    let version = format!("{}@{}", info.name, info.version);
-    if parent.annotations().get(PLUGIN_VERSION_ANNOTATION) != Some(&version) {
-        writes.push(Write::Version(version));
-    }
     Ok(Plan {
         writes,
         requeue_after: output.requeue_after,

@@ -14,9 +14,19 @@
 //!   quarantine interval, however many keys it has; a successful probe or a
 //!   new version lifts it;
 //! * **delays**: requeue-after from the plugin, resyncs;
-//! * **fairness**: keys are handed out round-robin across plugins, and each
-//!   plugin has its own concurrency cap, so one plugin's backlog cannot starve
-//!   another's few keys.
+//! * **fairness, work-conserving**: keys are handed out round-robin across
+//!   plugins. A plugin without a concurrency cap of its own may use every
+//!   reconcile slot of the host while it is alone; as soon as other plugins
+//!   have work, each gets its fair share (`capacity / busy plugins`) first,
+//!   so one plugin's backlog cannot starve another's few keys. A grant's
+//!   explicit cap stays a hard cap;
+//! * **follow-ups first**: within a plugin, a key queued because its
+//!   children or related objects changed (the world answering an earlier
+//!   reconcile) goes before a parent not yet looked at, which goes before
+//!   bulk work (resyncs, a plugin load, requeues, retries). So a parent
+//!   turns ready when its own children do, not after a whole pass over every
+//!   other parent. No class starves: one pop in four prefers parent events
+//!   and one in eight bulk work.
 //!
 //! [`QueueCore`] holds the logic with time passed in, so it is unit-tested
 //! without sleeping; [`WorkQueue`] wraps it for async workers.
@@ -77,11 +87,40 @@ pub fn backoff(failures: u32) -> Duration {
     BASE_BACKOFF.saturating_mul(1u32 << exp).min(MAX_BACKOFF)
 }
 
+/// How urgent a queued key is (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Class {
+    /// Its children or related objects changed.
+    FollowUp = 0,
+    /// The parent itself changed (or appeared).
+    Parent = 1,
+    /// Resyncs, plugin loads, requeues and retries.
+    Bulk = 2,
+}
+
+impl Class {
+    fn of(trigger: &str) -> Self {
+        match trigger {
+            "child changed" | "child deleted" | "related changed" => Self::FollowUp,
+            "parent changed" => Self::Parent,
+            _ => Self::Bulk,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct PluginLane {
-    ready: VecDeque<QueueKey>,
+    /// Ready keys by [`Class`]. A key moved to a more urgent class leaves a
+    /// stale entry behind, skipped when it comes up.
+    ready: [VecDeque<QueueKey>; 3],
+    /// Keys of this lane in `queued`.
+    queued: usize,
+    /// Pops so far (for the class schedule).
+    pops: u64,
     in_flight: usize,
-    max_in_flight: usize,
+    /// A hard cap from the grant; None: work-conserving (up to the host's
+    /// capacity, a fair share under contention).
+    max_in_flight: Option<usize>,
     quarantine_interval: Duration,
     /// While quarantined: when the next probe key may be handed out.
     next_probe: Option<Instant>,
@@ -103,7 +142,9 @@ pub struct QueueCore {
     /// Round-robin order of plugins.
     order: Vec<Arc<str>>,
     next_lane: usize,
-    queued: HashMap<QueueKey, &'static str>,
+    /// Reconcile slots of the host (for fair shares).
+    capacity: usize,
+    queued: HashMap<QueueKey, (&'static str, Class)>,
     in_flight: HashSet<QueueKey>,
     dirty: HashMap<QueueKey, &'static str>,
     delayed: BTreeSet<(Instant, u64, QueueKey)>,
@@ -118,11 +159,31 @@ impl QueueCore {
         Self::default()
     }
 
-    /// Registers a plugin with its concurrency cap and quarantine interval
-    /// (or updates them).
-    pub fn set_plugin(&mut self, plugin: Arc<str>, max_in_flight: usize, quarantine: Duration) {
+    /// Sets how many reconciles the host runs at once, across plugins: the
+    /// most a plugin without a cap of its own may have in flight, and what
+    /// fair shares divide.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
+    }
+
+    fn capacity(&self) -> usize {
+        if self.capacity == 0 {
+            usize::MAX
+        } else {
+            self.capacity
+        }
+    }
+
+    /// Registers a plugin with its concurrency cap (None: work-conserving)
+    /// and quarantine interval (or updates them).
+    pub fn set_plugin(
+        &mut self,
+        plugin: Arc<str>,
+        max_in_flight: Option<usize>,
+        quarantine: Duration,
+    ) {
         let lane = self.lanes.entry(plugin.clone()).or_default();
-        lane.max_in_flight = max_in_flight.max(1);
+        lane.max_in_flight = max_in_flight.map(|m| m.max(1));
         lane.quarantine_interval = quarantine;
         if !self.order.contains(&plugin) {
             self.order.push(plugin);
@@ -173,18 +234,29 @@ impl QueueCore {
         Some((at, trigger, wait))
     }
 
-    /// Queues `key` now, with why (for logs). Keys of unknown plugins are
-    /// dropped; a key in backoff stays there (the event is folded into the
-    /// pending retry).
+    /// Queues `key` now, with why (for logs and its class). Keys of unknown
+    /// plugins are dropped; a key in backoff stays there (the event is folded
+    /// into the pending retry); a queued key moves up to the more urgent
+    /// class of a new trigger.
     pub fn add(&mut self, key: QueueKey, trigger: &'static str) {
+        let class = Class::of(trigger);
         if !self.lanes.contains_key(&key.plugin) {
             return;
         }
         if self.in_flight.contains(&key) {
-            self.dirty.entry(key).or_insert(trigger);
+            let dirty = self.dirty.entry(key).or_insert(trigger);
+            if class < Class::of(dirty) {
+                *dirty = trigger;
+            }
             return;
         }
-        if self.queued.contains_key(&key) {
+        if let Some(queued) = self.queued.get_mut(&key) {
+            if class < queued.1 {
+                *queued = (trigger, class);
+                if let Some(lane) = self.lanes.get_mut(&key.plugin) {
+                    lane.ready[class as usize].push_back(key);
+                }
+            }
             return;
         }
         if let Some(&(_, _, _, wait)) = self.delayed_at.get(&key) {
@@ -194,8 +266,9 @@ impl QueueCore {
             self.undelay(&key);
         }
         if let Some(lane) = self.lanes.get_mut(&key.plugin) {
-            lane.ready.push_back(key.clone());
-            self.queued.insert(key, trigger);
+            lane.ready[class as usize].push_back(key.clone());
+            lane.queued += 1;
+            self.queued.insert(key, (trigger, class));
         }
     }
 
@@ -243,7 +316,7 @@ impl QueueCore {
         let probes = self
             .lanes
             .values()
-            .filter(|l| !l.ready.is_empty())
+            .filter(|l| l.queued > 0)
             .filter_map(|l| l.next_probe);
         delayed
             .into_iter()
@@ -253,10 +326,33 @@ impl QueueCore {
     }
 
     /// Hands out the next key, round-robin across plugins that have a ready
-    /// key and room under their concurrency cap (a quarantined plugin: only
-    /// when its next probe is due). The key is in flight until
+    /// key and room: first among plugins below their fair share of the
+    /// host's capacity, then among any below their cap (a quarantined
+    /// plugin: only when its next probe is due). The key is in flight until
     /// [`QueueCore::done`].
     pub fn pop(&mut self, now: Instant) -> Option<(QueueKey, &'static str)> {
+        let capacity = self.capacity();
+        let busy = self
+            .lanes
+            .values()
+            .filter(|l| l.queued > 0 || l.in_flight > 0)
+            .count()
+            .max(1);
+        let share = (capacity / busy).max(1);
+        for fair in [true, false] {
+            if let Some(next) = self.pop_from_lanes(now, capacity, fair.then_some(share)) {
+                return Some(next);
+            }
+        }
+        None
+    }
+
+    fn pop_from_lanes(
+        &mut self,
+        now: Instant,
+        capacity: usize,
+        share: Option<usize>,
+    ) -> Option<(QueueKey, &'static str)> {
         let n = self.order.len();
         for i in 0..n {
             let idx = (self.next_lane + i) % n;
@@ -264,7 +360,9 @@ impl QueueCore {
             let Some(lane) = self.lanes.get_mut(&plugin) else {
                 continue;
             };
-            if lane.in_flight >= lane.max_in_flight {
+            let cap = lane.max_in_flight.unwrap_or(capacity);
+            let room = share.map_or(cap, |s| s.min(cap));
+            if lane.queued == 0 || lane.in_flight >= room {
                 continue;
             }
             if let Some(probe) = lane.next_probe
@@ -272,13 +370,14 @@ impl QueueCore {
             {
                 continue;
             }
-            if let Some(key) = lane.ready.pop_front() {
+            if let Some(key) = next_of_lane(lane, &self.queued) {
                 lane.in_flight += 1;
+                lane.queued -= 1;
                 if lane.next_probe.is_some() {
                     lane.next_probe = Some(now + lane.quarantine_interval);
                 }
                 self.next_lane = (idx + 1) % n;
-                let trigger = self.queued.remove(&key).unwrap_or("event");
+                let trigger = self.queued.remove(&key).map_or("event", |(t, _)| t);
                 self.in_flight.insert(key.clone());
                 return Some((key, trigger));
             }
@@ -355,6 +454,33 @@ impl QueueCore {
     pub fn busy(&self) -> usize {
         self.queued.len() + self.in_flight.len()
     }
+}
+
+/// The next key of `lane` by the class schedule: follow-ups first, but one
+/// pop in four prefers parent events and one in eight bulk work, so no
+/// class starves. Stale entries (keys moved to a more urgent class, or
+/// handed out already) are dropped on the way.
+fn next_of_lane(
+    lane: &mut PluginLane,
+    queued: &HashMap<QueueKey, (&'static str, Class)>,
+) -> Option<QueueKey> {
+    lane.pops += 1;
+    let preferred = if lane.pops % 8 == 0 {
+        [Class::Bulk, Class::FollowUp, Class::Parent]
+    } else if lane.pops % 4 == 0 {
+        [Class::Parent, Class::FollowUp, Class::Bulk]
+    } else {
+        [Class::FollowUp, Class::Parent, Class::Bulk]
+    };
+    for class in preferred {
+        let ready = &mut lane.ready[class as usize];
+        while let Some(key) = ready.pop_front() {
+            if queued.get(&key).is_some_and(|(_, c)| *c == class) {
+                return Some(key);
+            }
+        }
+    }
+    None
 }
 
 /// The async work queue shared by the event router and the workers.
@@ -438,7 +564,7 @@ mod tests {
     fn core(plugins: &[(&str, usize)]) -> QueueCore {
         let mut q = QueueCore::new();
         for (p, c) in plugins {
-            q.set_plugin(Arc::from(*p), *c, QUARANTINE);
+            q.set_plugin(Arc::from(*p), Some(*c), QUARANTINE);
         }
         q
     }
@@ -696,6 +822,105 @@ mod tests {
     }
 
     #[test]
+    fn follow_ups_go_before_parents_not_yet_seen() {
+        let now = Instant::now();
+        let mut q = core(&[("a", 100)]);
+        for n in 0..50 {
+            q.add(key("a", &format!("new-{n}")), "parent changed");
+        }
+        // Two parents already reconciled hear from their children.
+        q.add(key("a", "started-1"), "child changed");
+        q.add(key("a", "started-2"), "related changed");
+        let first: Vec<String> = (0..3).map(|_| q.pop(now).unwrap().0.name).collect();
+        assert_eq!(first, ["started-1", "started-2", "new-0"]);
+    }
+
+    #[test]
+    fn a_queued_key_moves_up_to_a_more_urgent_trigger_once() {
+        let now = Instant::now();
+        let mut q = core(&[("a", 100)]);
+        q.add(key("a", "x"), "resync");
+        q.add(key("a", "y"), "parent changed");
+        q.add(key("a", "x"), "child changed");
+        // A less urgent trigger does not move it back down.
+        q.add(key("a", "x"), "resync");
+        assert_eq!(q.pop(now), Some((key("a", "x"), "child changed")));
+        assert_eq!(q.pop(now), Some((key("a", "y"), "parent changed")));
+        // The stale bulk entry of x is not handed out again.
+        assert_eq!(q.pop(now), None);
+    }
+
+    #[test]
+    fn no_class_starves_under_a_stream_of_follow_ups() {
+        let now = Instant::now();
+        let mut q = core(&[("a", 1)]);
+        q.add(key("a", "edited"), "parent changed");
+        q.add(key("a", "resynced"), "resync");
+        let mut served = Vec::new();
+        for n in 0..16 {
+            q.add(key("a", &format!("busy-{n}")), "child changed");
+            let (k, _) = q.pop(now).unwrap();
+            served.push(k.name.clone());
+            q.done(
+                &k,
+                Outcome::Success {
+                    requeue_after: None,
+                },
+                now,
+            );
+        }
+        let at = |name: &str| served.iter().position(|s| s == name);
+        assert!(at("edited").is_some_and(|i| i < 4), "{served:?}");
+        assert!(at("resynced").is_some_and(|i| i < 8), "{served:?}");
+    }
+
+    #[test]
+    fn a_plugin_alone_gets_the_whole_capacity_and_a_fair_share_under_contention() {
+        let now = Instant::now();
+        let mut q = QueueCore::new();
+        q.set_capacity(8);
+        q.set_plugin(Arc::from("big"), None, QUARANTINE);
+        q.set_plugin(Arc::from("small"), None, QUARANTINE);
+        q.set_plugin(Arc::from("capped"), Some(2), QUARANTINE);
+        for n in 0..100 {
+            q.add(key("big", &n.to_string()), "resync");
+        }
+        // Alone, it may fill every slot of the host.
+        let mut big = Vec::new();
+        while let Some((k, _)) = q.pop(now) {
+            big.push(k);
+        }
+        assert_eq!(big.len(), 8, "work-conserving: all of the capacity");
+        // Another plugin's keys arrive: the slots that free up go to it
+        // first, until it has its fair share (8 / 2 busy plugins = 4).
+        for n in 0..10 {
+            q.add(key("small", &n.to_string()), "parent changed");
+        }
+        for k in big.drain(..4) {
+            q.done(
+                &k,
+                Outcome::Success {
+                    requeue_after: None,
+                },
+                now,
+            );
+        }
+        let got: Vec<String> = (0..4)
+            .map(|_| q.pop(now).unwrap().0.plugin.to_string())
+            .collect();
+        assert_eq!(got, ["small"; 4], "round-robin alone would give 2 and 2");
+        // A grant's cap is hard, even with slots to spare.
+        let mut q = QueueCore::new();
+        q.set_capacity(8);
+        q.set_plugin(Arc::from("capped"), Some(2), QUARANTINE);
+        for n in 0..10 {
+            q.add(key("capped", &n.to_string()), "resync");
+        }
+        assert!(q.pop(now).is_some() && q.pop(now).is_some());
+        assert!(q.pop(now).is_none(), "a hard cap of 2");
+    }
+
+    #[test]
     fn removed_plugins_lose_their_keys() {
         let mut q = core(&[("a", 1), ("b", 1)]);
         q.add(key("a", "x"), "event");
@@ -722,7 +947,7 @@ mod tests {
     #[tokio::test]
     async fn async_next_waits_for_delayed_keys() {
         let q = WorkQueue::new();
-        q.with(|c| c.set_plugin(Arc::from("a"), 1, QUARANTINE));
+        q.with(|c| c.set_plugin(Arc::from("a"), Some(1), QUARANTINE));
         q.add_after(key("a", "x"), Duration::from_millis(30), "requeue");
         let got = tokio::time::timeout(Duration::from_secs(5), q.next())
             .await

@@ -204,7 +204,7 @@ pub async fn run(
         trigger,
     );
     let started = Instant::now();
-    let result = reconcile_parent(plugin, &parent, trigger)
+    let result = reconcile_parent(plugin, &ctx.metrics, &parent, trigger)
         .instrument(span.clone())
         .await;
     let seconds = started.elapsed().as_secs_f64();
@@ -354,12 +354,28 @@ impl Reconciled {
     }
 }
 
+/// Adds the time since `since` to `stage` and restarts the clock.
+fn lap(metrics: &Metrics, plugin: &str, stage: &'static str, since: &mut Instant) {
+    metrics.stage(plugin, stage, since.elapsed().as_secs_f64());
+    *since = Instant::now();
+}
+
+/// Adds the instantiate and guest time of the plugin's calls.
+fn call_stages(metrics: &Metrics, plugin: &ActivePlugin) {
+    let (instantiate, guest) = plugin.loaded.take_call_seconds();
+    let name = &plugin.info().name;
+    metrics.stage(name, "instantiate", instantiate);
+    metrics.stage(name, "guest", guest);
+}
+
 async fn reconcile_parent(
     plugin: &ActivePlugin,
+    metrics: &Metrics,
     parent: &DynamicObject,
     trigger: &'static str,
 ) -> Result<Reconciled, Failure> {
     let info = plugin.info();
+    let mut clock = Instant::now();
     let grant = &plugin.loaded.grant;
     let writer = &plugin.writer;
     let has_finalizer = plan::has_finalizer(info, parent);
@@ -378,6 +394,7 @@ async fn reconcile_parent(
         return Ok(skipped);
     }
     let (children, input) = snapshot(plugin, parent, trigger);
+    lap(metrics, &info.name, "snapshot", &mut clock);
 
     if deleting {
         let finalized = plugin
@@ -399,17 +416,17 @@ async fn reconcile_parent(
         )));
     }
 
-    let desired = plugin
-        .loaded
-        .reconcile(&input)
-        .await?
-        .map_err(plugin_error)?;
+    let desired = plugin.loaded.reconcile(&input).await;
+    call_stages(metrics, plugin);
+    clock = Instant::now();
+    let desired = desired?.map_err(plugin_error)?;
     let namespace = parent.namespace();
     let parent_ref = ParentRef {
         namespace: namespace.as_deref(),
         name: parent.metadata.name.as_deref().unwrap_or_default(),
     };
     let output = validate_output(info, grant, &parent_ref, desired)?;
+    lap(metrics, &info.name, "validate", &mut clock);
     let cached = |gvk: &Gvk, ns: Option<&str>, name: &str| {
         plugin
             .children
@@ -441,36 +458,64 @@ async fn reconcile_parent(
         };
         plan::reconcile(&seen, output)?
     };
+    lap(metrics, &info.name, "plan", &mut clock);
     preflight(plugin, parent, &mut plan).await?;
+    lap(metrics, &info.name, "preflight", &mut clock);
     writer.execute(parent, &plan).await?;
+    lap(metrics, &info.name, "apply", &mut clock);
     tracing::trace!(writes = plan.writes.len(), "applied");
     Ok(Reconciled::called(plan.requeue_after))
 }
 
 /// Before anything is written: a child the caches do not hold may still
 /// exist (the children caches hold only objects labelled for a plugin), so
-/// each one about to be created is read from the API server. One that this
-/// parent does not control is a conflict (the host never adopts); one it
-/// does control (a cache behind) is compared as usual.
+/// each one about to be created is read from the API server (all of them at
+/// once). One that this parent does not control is a conflict (the host
+/// never adopts); one it does control (a cache behind) is compared as usual.
 async fn preflight(
     plugin: &ActivePlugin,
     parent: &DynamicObject,
     plan: &mut Plan,
 ) -> Result<(), Failure> {
     let uid = parent.uid().unwrap_or_default();
+    let missing = |w: &Write| {
+        matches!(
+            w,
+            Write::Apply {
+                reason: ApplyReason::Missing,
+                ..
+            }
+        )
+    };
+    if !plan.writes.iter().any(missing) {
+        return Ok(());
+    }
+    let reads = plan.writes.iter().map(|write| async move {
+        match write {
+            Write::Apply {
+                gvk,
+                namespace,
+                name,
+                reason: ApplyReason::Missing,
+                ..
+            } => {
+                plugin
+                    .writer
+                    .get_child(gvk, namespace.as_deref(), name)
+                    .await
+            }
+            _ => Ok(None),
+        }
+    });
+    let found = futures::future::join_all(reads).await;
     let mut keep = Vec::with_capacity(plan.writes.len());
-    for write in plan.writes.drain(..) {
-        if let Write::Apply {
-            gvk,
-            namespace,
-            name,
-            body,
-            reason: ApplyReason::Missing,
-        } = &write
-            && let Some(existing) = plugin
-                .writer
-                .get_child(gvk, namespace.as_deref(), name)
-                .await?
+    for (write, existing) in plan.writes.drain(..).zip(found) {
+        if let (
+            Write::Apply {
+                gvk, name, body, ..
+            },
+            Some(existing),
+        ) = (&write, existing?)
         {
             if !plan::controlled_by(&existing, &uid) {
                 return Err(PlanError::Conflict {

@@ -27,10 +27,12 @@ pub async fn serve<F, Fut>(
     let reconcile = Arc::new(reconcile);
     let slots = Arc::new(Semaphore::new(max_concurrent.max(1)));
     loop {
-        let (key, trigger) = queue.next().await;
+        // A slot first, then a key: a key taken while waiting for a slot
+        // would count as in flight for its plugin and skew the fair shares.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
+        let (key, trigger) = queue.next().await;
         let queue = queue.clone();
         let metrics = metrics.clone();
         let reconcile = reconcile.clone();
@@ -64,7 +66,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_reconcile_fails_only_its_key() {
         let queue = Arc::new(WorkQueue::new());
-        queue.with(|q| q.set_plugin(Arc::from("p"), 4, Duration::from_secs(60)));
+        queue.with(|q| q.set_plugin(Arc::from("p"), Some(4), Duration::from_secs(60)));
         let metrics = Arc::new(Metrics::new());
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
         let worker = tokio::spawn(serve(queue.clone(), metrics.clone(), 2, move |key, _| {

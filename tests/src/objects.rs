@@ -106,3 +106,15 @@ pub async fn wait_content(
     )
     .await
 }
+
+/// The plugin version (`<plugin>@<version>`) that last reconciled a parent,
+/// from the host's `Degraded` condition in `object`'s status (`reconciled by
+/// webserver@0.2.0`); None when the host has not said.
+pub fn reconciled_by(object: &serde_json::Value) -> Option<&str> {
+    object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Degraded" && c["status"] == "False")?["message"]
+        .as_str()?
+        .strip_prefix("reconciled by ")
+}

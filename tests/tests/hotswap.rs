@@ -33,23 +33,17 @@ fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The annotation on each parent naming the plugin version that reconciled
-/// it last.
-const VERSION_ANNOTATION: &str = "kuwa.dev/plugin-version";
-
+/// The plugin version that reconciled a parent last, as the host's
+/// `Degraded` condition says it (`reconciled by <plugin>@<version>`).
 fn reconciled_by(ws: &DynamicObject) -> Option<&str> {
-    ws.meta()
-        .annotations
-        .as_ref()?
-        .get(VERSION_ANNOTATION)
-        .map(String::as_str)
+    kuwa_e2e::objects::reconciled_by(&ws.data)
 }
 
 /// Waits until all `count` WebServers in `api` were last reconciled by
 /// `version` (`name@version`).
 async fn wait_reconciled_by(api: &Api<DynamicObject>, count: usize, version: &str) -> Result<()> {
     wait_for(
-        &format!("all {count} WebServers annotated {VERSION_ANNOTATION}={version}"),
+        &format!("all {count} WebServers reconciled by {version}"),
         CONVERGE,
         || async move {
             let list = api.list(&ListParams::default()).await?.items;

@@ -20,8 +20,7 @@ fn info() -> PluginInfo {
 fn parent(status: Value) -> DynamicObject {
     serde_json::from_value(json!({
         "apiVersion": "kuwa.dev/v1alpha1", "kind": "WebServer",
-        "metadata": {"name": "site", "namespace": "ns", "uid": UID, "generation": 2,
-                     "annotations": {PLUGIN_VERSION_ANNOTATION: "web@1.0.0"}},
+        "metadata": {"name": "site", "namespace": "ns", "uid": UID, "generation": 2},
         "spec": {},
         "status": status,
     }))
@@ -108,7 +107,15 @@ fn quantities_compare_by_value() {
 #[test]
 fn a_converged_world_costs_no_writes() {
     let info = info();
-    let parent = parent(json!({"ready": true}));
+    // The status as the host wrote it last time (with its condition).
+    let written = status_write(
+        &parent(Value::Null),
+        Some(&json!({"ready": true, "conditions": []})),
+        &reconciled(),
+        "t0",
+    )
+    .unwrap();
+    let parent = parent(written);
     let want = cm("site-content", json!({"k": "v"}));
     let child = applied(&want, &info, &parent);
     let plan = plan_with(
@@ -116,7 +123,7 @@ fn a_converged_world_costs_no_writes() {
         &parent,
         std::slice::from_ref(&child),
         std::slice::from_ref(&child),
-        output(&[want], Some(json!({"ready": true}))),
+        output(&[want], Some(json!({"ready": true, "conditions": []}))),
     )
     .unwrap();
     assert_eq!(plan.writes, [], "{:?}", plan.writes);
@@ -275,26 +282,72 @@ fn a_version_without_a_finalizer_releases_the_hosts() {
     assert_eq!(plan.writes, [Write::Finalizer(true)]);
 }
 
+fn reconciled() -> Health {
+    Health::Reconciled("web@1.0.0".into())
+}
+
 #[test]
 fn status_fields_the_plugin_stops_setting_are_removed() {
     let p = parent(json!({"ready": 1, "legacy": "x"}));
-    let status = status_write(&p, Some(&json!({"ready": 1})), &Health::Reconciled, "t").unwrap();
-    assert_eq!(status, json!({"ready": 1}));
+    let status = status_write(&p, Some(&json!({"ready": 1})), &reconciled(), "t").unwrap();
+    assert_eq!(status["ready"], 1);
+    assert!(status.get("legacy").is_none(), "{status}");
+    // Once written, the same desired status writes nothing.
+    let p = parent(status.clone());
     assert_eq!(
-        status_write(
-            &p,
-            Some(&json!({"ready": 1, "legacy": "x"})),
-            &Health::Reconciled,
-            "t"
-        ),
+        status_write(&p, Some(&json!({"ready": 1})), &reconciled(), "t2"),
         None
     );
-    // A status without conditions gets none added.
+    // No status from the plugin, and the host's condition already says it.
+    assert_eq!(status_write(&p, None, &reconciled(), "t"), None);
+    // No status from the plugin and nothing marked: nothing to say.
+    assert_eq!(
+        status_write(&parent(Value::Null), None, &reconciled(), "t"),
+        None
+    );
+}
+
+#[test]
+fn the_plugin_version_rides_in_the_hosts_condition() {
     let fresh = parent(Value::Null);
-    let status = status_write(&fresh, Some(&json!({"seen": []})), &Health::Reconciled, "t");
-    assert_eq!(status, Some(json!({"seen": []})));
-    // No status from the plugin and nothing to clear: nothing to write.
-    assert_eq!(status_write(&p, None, &Health::Reconciled, "t"), None);
+    // A status without conditions gets none (its schema may lack them).
+    let plain = status_write(&fresh, Some(&json!({"seen": []})), &reconciled(), "t").unwrap();
+    assert_eq!(plain, json!({"seen": []}));
+    let status = status_write(
+        &fresh,
+        Some(&json!({"seen": [], "conditions": []})),
+        &reconciled(),
+        "t",
+    )
+    .unwrap();
+    let c = condition(&status, DEGRADED).unwrap();
+    assert_eq!(
+        (
+            &c["status"],
+            &c["reason"],
+            &c["message"],
+            &c["observedGeneration"]
+        ),
+        (
+            &json!("False"),
+            &json!("AsExpected"),
+            &json!("reconciled by web@1.0.0"),
+            &json!(2)
+        )
+    );
+    // A new version with the same desired status: the one status write says
+    // so (there is no write of its own for the version).
+    let p = parent(status.clone());
+    let v2 = status_write(
+        &p,
+        Some(&json!({"seen": [], "conditions": []})),
+        &Health::Reconciled("web@2.0.0".into()),
+        "t2",
+    )
+    .unwrap();
+    let c = condition(&v2, DEGRADED).unwrap();
+    assert_eq!(c["message"], "reconciled by web@2.0.0");
+    assert_eq!(c["lastTransitionTime"], "t", "no flip: the time is kept");
 }
 
 #[test]
@@ -318,7 +371,7 @@ fn degraded_is_the_hosts_and_the_host_clears_it() {
     // Degraded; a Degraded the plugin sets itself is replaced by the host's.
     let own = json!({"ready": 1, "conditions": [{"type": "Degraded", "status": "True", "reason": "Mine", "message": "", "lastTransitionTime": "t0"}]});
     for desired in [json!({"ready": 1}), own] {
-        let status = status_write(&p2, Some(&desired), &Health::Reconciled, "t3").unwrap();
+        let status = status_write(&p2, Some(&desired), &reconciled(), "t3").unwrap();
         let c = condition(&status, DEGRADED).unwrap();
         assert_eq!(
             (&c["status"], &c["reason"]),

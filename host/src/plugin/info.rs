@@ -48,8 +48,6 @@ pub enum FieldManager {
     Status,
     /// The host's finalizer on the parent (`kuwa/<plugin>/finalizer`).
     Finalizer,
-    /// The plugin-version annotation on the parent (`kuwa/<plugin>/version`).
-    Version,
     /// The plugin's CRD (`kuwa/<plugin>/crd`).
     Crd,
 }
@@ -60,7 +58,6 @@ impl FieldManager {
             Self::Children => None,
             Self::Status => Some("status"),
             Self::Finalizer => Some("finalizer"),
-            Self::Version => Some("version"),
             Self::Crd => Some("crd"),
         }
     }

@@ -476,6 +476,7 @@ impl Runtime {
             cache,
             grant: crate::tenant::grant::Grant::default(),
             log_dropped: Arc::default(),
+            call_nanos: Default::default(),
             _compiled: hold,
         };
         let described = match plugin
@@ -509,6 +510,9 @@ pub struct LoadedPlugin {
     /// What the plugin may do (from its manifest; set by the loader).
     pub grant: crate::tenant::grant::Grant,
     log_dropped: Arc<AtomicU64>,
+    /// Nanoseconds spent instantiating and in the guest, summed over calls
+    /// since [`LoadedPlugin::take_call_nanos`] last asked.
+    call_nanos: [AtomicU64; 2],
     _compiled: CompiledRef,
 }
 
@@ -561,6 +565,18 @@ impl LoadedPlugin {
         self.log_dropped.swap(0, Ordering::Relaxed)
     }
 
+    /// Time spent instantiating and in the guest (host calls included) since
+    /// the last time this was asked, in seconds.
+    pub fn take_call_seconds(&self) -> (f64, f64) {
+        let take = |a: &AtomicU64| a.swap(0, Ordering::Relaxed) as f64 / 1e9;
+        (take(&self.call_nanos[0]), take(&self.call_nanos[1]))
+    }
+
+    fn add_call_nanos(&self, stage: usize, since: Instant) {
+        let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.call_nanos[stage].fetch_add(nanos, Ordering::Relaxed);
+    }
+
     /// Waits for an instance slot, instantiates the component in a fresh
     /// `Store` with this plugin's limits and makes `call`, all within
     /// `deadline` (waiting for a slot does not count against it).
@@ -597,6 +613,7 @@ impl LoadedPlugin {
             })
         });
         let run = async {
+            let instantiating = Instant::now();
             let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| {
                 if store.data().memory_exceeded {
                     CallError::MemoryLimit(self.limits.memory_bytes)
@@ -608,6 +625,8 @@ impl LoadedPlugin {
                     CallError::Trap(format!("instantiating: {e:#}"))
                 }
             })?;
+            self.add_call_nanos(0, instantiating);
+            let calling = Instant::now();
             let plugin = bindings.kuwa_controller_plugin();
             let answer = match call {
                 Call::Describe => plugin
@@ -623,6 +642,7 @@ impl LoadedPlugin {
                     .await
                     .map(Answer::Finalized),
             };
+            self.add_call_nanos(1, calling);
             answer.map_err(|e| {
                 if store.data().memory_exceeded {
                     CallError::MemoryLimit(self.limits.memory_bytes)

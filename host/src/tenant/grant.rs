@@ -9,9 +9,9 @@
 //! relatedKinds: [v1/Pod]            # default: none; every related kind must be granted
 //! installCrd: true                  # default false: may the host install the plugin's CRD
 //! childFinalizers: false            # default false: may children carry finalizers
-//! writesPerSecond: 20               # API write budget (governor rate limiter)
-//! writeBurst: 40
-//! concurrency: 4                    # reconciles of this plugin at once
+//! writesPerSecond: 20               # a hard API write cap (governor rate limiter); default none
+//! writeBurst: 40                    # its burst (default 200)
+//! concurrency: 4                    # a hard cap on reconciles at once; default none
 //! quarantineAfter: 10               # consecutive failures before quarantine
 //! quarantineInterval: 5m            # a quarantined plugin is called once per interval
 //! limits:
@@ -28,6 +28,12 @@
 //! plugin may reconcile only the kind of the CRD it carries, in every
 //! namespace the host watches, create the child kinds it declares, read no
 //! related kind, and not install its CRD.
+//!
+//! Speed is work-conserving by default: without `writesPerSecond` or
+//! `concurrency` a plugin alone may use the host's whole reconcile capacity
+//! (and so its whole write rate), and plugins with work share it fairly
+//! (see [`crate::queue`]). Either field makes a hard cap that holds even
+//! when the host is idle.
 
 // Load errors are the cold path and name what they refuse (paths, kinds);
 // boxing them would only add noise.
@@ -43,12 +49,6 @@ use crate::gvk::Gvk;
 use crate::tenant::limits::{
     Limits, MAX_CONCURRENT_CALLS, MAX_DEADLINE, MAX_MEMORY_CAP, OutputLimits,
 };
-
-/// Default API write budget of a plugin, per second. High enough that a
-/// plugin converging a few hundred parents is not slowed noticeably, low
-/// enough that one runaway plugin cannot take the API server's whole write
-/// capacity (~1,300 writes/s on the reference machine).
-pub const DEFAULT_WRITES_PER_SECOND: f64 = 100.0;
 
 /// Slowest write budget a manifest may set: one write every 1,000 s. Below
 /// that a plugin could never converge anything, and the token arithmetic
@@ -175,8 +175,8 @@ pub struct Grant {
     pub install_crd: bool,
     /// Whether its children may carry finalizers.
     pub child_finalizers: bool,
-    /// Write budget per second.
-    pub writes_per_second: f64,
+    /// A hard write cap per second (None: work-conserving).
+    pub writes_per_second: Option<f64>,
     /// Write burst.
     pub write_burst: u32,
     /// Concurrency cap (None: the host's default).
@@ -198,7 +198,7 @@ impl Default for Grant {
             related_kinds: BTreeSet::new(),
             install_crd: false,
             child_finalizers: false,
-            writes_per_second: DEFAULT_WRITES_PER_SECOND,
+            writes_per_second: None,
             write_burst: DEFAULT_WRITE_BURST,
             concurrency: None,
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
@@ -367,19 +367,28 @@ pub fn from_manifest(
         .transpose()?;
     let child_kinds = kinds("childKinds", m.child_kinds, &invalid)?;
     let related_kinds = kinds("relatedKinds", m.related_kinds, &invalid)?.unwrap_or_default();
-    let writes_per_second = m.writes_per_second.unwrap_or(DEFAULT_WRITES_PER_SECOND);
-    if !writes_per_second.is_finite() {
-        return Err(invalid(format!(
-            "writesPerSecond must be a finite number, got {writes_per_second}"
-        )));
+    if m.write_burst.is_some() && m.writes_per_second.is_none() {
+        return Err(invalid(
+            "writeBurst is the burst of writesPerSecond, which is not set (without it writes are not capped)".into(),
+        ));
     }
-    let writes_per_second = in_range(
-        "writesPerSecond",
-        writes_per_second,
-        MIN_WRITES_PER_SECOND,
-        MAX_WRITES_PER_SECOND,
-        &invalid,
-    )?;
+    let writes_per_second = m
+        .writes_per_second
+        .map(|rate| {
+            if !rate.is_finite() {
+                return Err(invalid(format!(
+                    "writesPerSecond must be a finite number, got {rate}"
+                )));
+            }
+            in_range(
+                "writesPerSecond",
+                rate,
+                MIN_WRITES_PER_SECOND,
+                MAX_WRITES_PER_SECOND,
+                &invalid,
+            )
+        })
+        .transpose()?;
     let write_burst = in_range(
         "writeBurst",
         m.write_burst.unwrap_or(DEFAULT_WRITE_BURST),
@@ -517,7 +526,7 @@ mod tests {
                 g.quarantine_after,
                 g.quarantine_interval
             ),
-            (5.0, 7, Some(2), 3, Duration::from_secs(5))
+            (Some(5.0), 7, Some(2), 3, Duration::from_secs(5))
         );
         assert_eq!(
             g.output,
@@ -592,6 +601,7 @@ mod tests {
         assert!(err("writesPerSecond: 0").contains("writesPerSecond"));
         assert!(err("writesPerSecond: 1e-300").contains("writesPerSecond"));
         assert!(err("writesPerSecond: .inf").contains("writesPerSecond"));
+        assert!(err("writeBurst: 5").contains("writeBurst"));
         assert!(err("writeBurst: 0").contains("writeBurst"));
         assert!(err("limits: {deadline: soon}").contains("limits.deadline"));
         assert!(err("limits: {deadline: 2h}").contains("limits.deadline"));
