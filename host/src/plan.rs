@@ -345,9 +345,7 @@ pub fn status_write(
         Health::Reconciled(_)
             if current_degraded.is_none() && !desired.is_some_and(has_conditions) =>
         {
-            if desired.is_none() {
-                return None;
-            }
+            desired?;
         }
         Health::Reconciled(by) => {
             upsert_condition(

@@ -465,9 +465,9 @@ fn next_of_lane(
     queued: &HashMap<QueueKey, (&'static str, Class)>,
 ) -> Option<QueueKey> {
     lane.pops += 1;
-    let preferred = if lane.pops % 8 == 0 {
+    let preferred = if lane.pops.is_multiple_of(8) {
         [Class::Bulk, Class::FollowUp, Class::Parent]
-    } else if lane.pops % 4 == 0 {
+    } else if lane.pops.is_multiple_of(4) {
         [Class::Parent, Class::FollowUp, Class::Bulk]
     } else {
         [Class::FollowUp, Class::Parent, Class::Bulk]

@@ -6,6 +6,7 @@
 //! * [`TestNamespace`]: a fresh namespace per test.
 //! * [`wait_for`]: the one bounded polling loop every wait should use.
 
+pub mod bench;
 pub mod host;
 pub mod objects;
 

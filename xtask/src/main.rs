@@ -5,7 +5,9 @@
 //! * `cargo xtask cluster up|down|status` manages the local control plane.
 //! * `cargo xtask demo` runs the main job: plugins, cluster, CRDs, host.
 //! * `cargo xtask test` runs the whole test suite through cargo's test runner.
+//! * `cargo xtask bench` measures kuwa against its peers (docs/benchmarks.md).
 
+mod bench;
 mod cluster;
 mod demo;
 mod plugins;
@@ -34,6 +36,9 @@ enum Command {
     Demo(demo::Args),
     /// Run the full test suite (unit, plugin and end-to-end) with cargo's test runner.
     Test(testsuite::Args),
+    /// Measure kuwa against a native kube-rs and a Go controller-runtime peer
+    /// (convergence, latency, CPU, memory, steady state, hot swap).
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -43,6 +48,7 @@ fn main() {
         Command::Cluster(args) => cluster::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Test(args) => testsuite::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

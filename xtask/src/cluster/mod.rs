@@ -11,7 +11,7 @@
 
 mod gobuild;
 mod proc;
-mod state;
+pub mod state;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
