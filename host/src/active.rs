@@ -5,10 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use kube::ResourceExt;
-use kube::api::DynamicObject;
 
 use crate::apply::PluginWriter;
-use crate::cache::{KindCache, ObjKey};
+use crate::cache::{CachedObject, KindCache, ObjKey};
 use crate::gvk::Gvk;
 use crate::plugin::info::{PluginInfo, RelatedMapping};
 use crate::plugin::runtime::LoadedPlugin;
@@ -29,6 +28,62 @@ pub struct ActivePlugin {
     pub writer: PluginWriter,
     /// Consecutive failures and quarantine.
     pub quarantine: Quarantine,
+    /// The inputs of parents this version left settled (see [`Settled`]).
+    pub settled: Settled,
+}
+
+/// Parents whose last reconcile by this version needed no write and asked
+/// for no requeue, with a fingerprint of what the plugin was shown (the
+/// parent's, children's and related objects' uids and resourceVersions). A
+/// reconcile shown exactly the same again has a known outcome (plugins are
+/// deterministic: frozen clocks, seeded randomness; time-driven work asks
+/// for a requeue), so the host does not call the plugin: a resync of an
+/// unchanged world costs a fingerprint, not a call.
+#[derive(Debug, Default)]
+pub struct Settled(std::sync::Mutex<HashMap<ObjKey, u64>>);
+
+impl Settled {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjKey, u64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `key` was left settled with exactly these inputs.
+    pub fn is(&self, key: &ObjKey, fingerprint: u64) -> bool {
+        self.lock().get(key) == Some(&fingerprint)
+    }
+
+    /// Records that `key` is settled with these inputs.
+    pub fn set(&self, key: ObjKey, fingerprint: u64) {
+        self.lock().insert(key, fingerprint);
+    }
+
+    /// Forgets `key` (it needed writes, failed, or is gone).
+    pub fn forget(&self, key: &ObjKey) {
+        self.lock().remove(key);
+    }
+}
+
+/// The fingerprint of a reconcile's inputs: each object's uid and
+/// resourceVersion, in order (children and related objects sorted).
+pub fn fingerprint<'a>(
+    parent: &kube::api::DynamicObject,
+    others: impl Iterator<Item = &'a CachedObject>,
+) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut ids: Vec<(&str, &str)> = others
+        .map(|o| {
+            (
+                o.metadata.uid.as_deref().unwrap_or_default(),
+                o.metadata.resource_version.as_deref().unwrap_or_default(),
+            )
+        })
+        .collect();
+    ids.sort_unstable();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parent.metadata.uid.hash(&mut h);
+    parent.metadata.resource_version.hash(&mut h);
+    ids.hash(&mut h);
+    h.finish()
 }
 
 impl ActivePlugin {
@@ -75,7 +130,7 @@ impl ActivePlugin {
     }
 
     /// The parent at `key`, from the cache.
-    pub fn parent_at(&self, key: &QueueKey) -> Option<Arc<DynamicObject>> {
+    pub fn parent_at(&self, key: &QueueKey) -> Option<Arc<CachedObject>> {
         self.parent.get(&ObjKey {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
@@ -84,7 +139,7 @@ impl ActivePlugin {
 
     /// The controlling owner reference of `object` if it points at this
     /// plugin's parent kind.
-    pub fn parent_of(&self, object: &DynamicObject) -> Option<QueueKey> {
+    pub fn parent_of(&self, object: &CachedObject) -> Option<QueueKey> {
         let parent = &self.info().parent;
         let owner = object.owner_references().iter().find(|o| {
             o.controller == Some(true)
@@ -160,5 +215,55 @@ impl Plugins {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn object(uid: &str, rv: &str) -> CachedObject {
+        CachedObject::new(
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": uid, "namespace": "ns", "uid": uid, "resourceVersion": rv},
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_any_input_and_not_with_order() {
+        let parent: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "kuwa.dev/v1alpha1", "kind": "WebServer",
+            "metadata": {"name": "p", "namespace": "ns", "uid": "p", "resourceVersion": "1"},
+        }))
+        .unwrap();
+        let (a, b) = (object("a", "1"), object("b", "1"));
+        let base = fingerprint(&parent, [&a, &b].into_iter());
+        assert_eq!(base, fingerprint(&parent, [&b, &a].into_iter()));
+        assert_ne!(base, fingerprint(&parent, [&a].into_iter()), "a child gone");
+        let b2 = object("b", "2");
+        assert_ne!(
+            base,
+            fingerprint(&parent, [&a, &b2].into_iter()),
+            "a child changed"
+        );
+        let mut edited = parent.clone();
+        edited.metadata.resource_version = Some("2".into());
+        assert_ne!(
+            base,
+            fingerprint(&edited, [&a, &b].into_iter()),
+            "the parent changed"
+        );
+        let settled = Settled::default();
+        let key = ObjKey::of(&parent);
+        assert!(!settled.is(&key, base));
+        settled.set(key.clone(), base);
+        assert!(settled.is(&key, base));
+        settled.forget(&key);
+        assert!(!settled.is(&key, base));
     }
 }

@@ -157,12 +157,16 @@ impl Echoes {
         seen.push(rv);
     }
 
-    fn take(&self, object: &DynamicObject) -> bool {
-        let Some(rv) = object.metadata.resource_version.as_deref() else {
+    fn take<K: Resource>(&self, object: &K) -> bool {
+        let object = object.meta();
+        let Some(rv) = object.resource_version.as_deref() else {
             return false;
         };
         let mut echoes = self.lock();
-        let key = ObjKey::of(object);
+        let key = ObjKey {
+            namespace: object.namespace.clone(),
+            name: object.name.clone().unwrap_or_default(),
+        };
         let Some(seen) = echoes.get_mut(&key) else {
             return false;
         };
@@ -177,7 +181,7 @@ impl Echoes {
         true
     }
 
-    fn forget(&self, object: &DynamicObject) {
+    fn forget<K: Resource>(&self, object: &K) {
         self.lock().remove(&ObjKey::of(object));
     }
 }
@@ -207,12 +211,12 @@ impl PluginWriter {
     /// writes for this plugin (its resourceVersion is one a write returned):
     /// nothing changed that the reconcile which wrote it did not know, so
     /// the parent need not be queued again. Each echo is recognised once.
-    pub fn is_own_echo(&self, parent: &DynamicObject) -> bool {
+    pub fn is_own_echo<K: Resource>(&self, parent: &K) -> bool {
         self.echoes.take(parent)
     }
 
     /// Forgets the writes remembered for a parent that is gone.
-    pub fn forget(&self, parent: &DynamicObject) {
+    pub fn forget<K: Resource>(&self, parent: &K) {
         self.echoes.forget(parent);
     }
 

@@ -8,6 +8,10 @@
 //! `managedFields` (only who manages them is kept) and without the kubectl
 //! last-applied annotation, and indexed by the uid of each owner reference,
 //! so a parent's children (and their children) are found without scanning.
+//! Each object is held as a [`CachedObject`]: its (stripped) metadata, which
+//! the host indexes, routes and decides by, and the whole object as compact
+//! JSON text, which is what a plugin is handed anyway, instead of a tree of
+//! `serde_json::Value`s (several times the size of the text).
 //! Every change is forwarded to the event router as a [`Change`], through a
 //! bounded channel: a router that falls behind slows the watches down
 //! instead of growing a backlog without limit.
@@ -16,7 +20,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt;
-use kube::api::{Api, ApiResource, DynamicObject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ApiResource, DynamicObject, TypeMeta};
 use kube::discovery::{self, Scope};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -64,11 +69,93 @@ pub struct ObjKey {
 
 impl ObjKey {
     /// The key of `object`.
-    pub fn of(object: &DynamicObject) -> Self {
+    pub fn of<K: kube::Resource>(object: &K) -> Self {
         Self {
-            namespace: object.metadata.namespace.clone(),
+            namespace: object.meta().namespace.clone(),
             name: object.name_any(),
         }
+    }
+}
+
+/// One cached object: its metadata (what the host indexes, routes and
+/// decides by) and the whole object as compact JSON text (what a plugin is
+/// handed). `kube::ResourceExt` works on it for the metadata; the rest is
+/// parsed when needed ([`CachedObject::to_dynamic`], [`CachedObject::value`]).
+#[derive(Debug, Clone)]
+pub struct CachedObject {
+    /// Its `apiVersion` and `kind`.
+    pub types: Option<TypeMeta>,
+    /// Its metadata.
+    pub metadata: ObjectMeta,
+    json: Box<str>,
+}
+
+impl CachedObject {
+    /// Holds `object` (callers strip it first). Who manages its fields
+    /// (`managedFields`) stays in the metadata only: plugins are not shown it.
+    pub fn new(mut object: DynamicObject) -> Self {
+        let managed = object.metadata.managed_fields.take();
+        let json = serde_json::to_string(&object)
+            .unwrap_or_else(|_| "{}".into())
+            .into_boxed_str();
+        object.metadata.managed_fields = managed;
+        Self {
+            types: object.types,
+            metadata: object.metadata,
+            json,
+        }
+    }
+
+    /// The whole object as JSON text.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    /// The whole object as a JSON value.
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.json).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The whole object as a `DynamicObject`.
+    pub fn to_dynamic(&self) -> DynamicObject {
+        serde_json::from_str(&self.json).unwrap_or_else(|_| DynamicObject {
+            types: self.types.clone(),
+            metadata: self.metadata.clone(),
+            data: serde_json::Value::Null,
+        })
+    }
+}
+
+impl kube::Resource for CachedObject {
+    type DynamicType = ApiResource;
+    type Scope = kube::core::DynamicResourceScope;
+
+    fn kind(dt: &ApiResource) -> std::borrow::Cow<'_, str> {
+        dt.kind.as_str().into()
+    }
+
+    fn group(dt: &ApiResource) -> std::borrow::Cow<'_, str> {
+        dt.group.as_str().into()
+    }
+
+    fn version(dt: &ApiResource) -> std::borrow::Cow<'_, str> {
+        dt.version.as_str().into()
+    }
+
+    fn api_version(dt: &ApiResource) -> std::borrow::Cow<'_, str> {
+        dt.api_version.as_str().into()
+    }
+
+    fn plural(dt: &ApiResource) -> std::borrow::Cow<'_, str> {
+        dt.plural.as_str().into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
     }
 }
 
@@ -80,12 +167,12 @@ pub struct Change {
     /// The view of the cache that saw it.
     pub view: View,
     /// The object (its last known state when deleted).
-    pub object: Arc<DynamicObject>,
+    pub object: Arc<CachedObject>,
     /// Whether it was deleted.
     pub deleted: bool,
     /// Its previous state, when it was updated: the router also requeues
     /// the parents the object no longer maps to (an owner or label change).
-    pub previous: Option<Arc<DynamicObject>>,
+    pub previous: Option<Arc<CachedObject>>,
 }
 
 /// Why a kind could not be cached.
@@ -105,14 +192,14 @@ pub enum CacheError {
 
 #[derive(Default)]
 struct Store {
-    objects: HashMap<ObjKey, Arc<DynamicObject>>,
+    objects: HashMap<ObjKey, Arc<CachedObject>>,
     by_owner: HashMap<String, HashSet<ObjKey>>,
     /// Objects of a list in progress (between `Init` and `InitDone`).
-    relist: Option<HashMap<ObjKey, Arc<DynamicObject>>>,
+    relist: Option<HashMap<ObjKey, Arc<CachedObject>>>,
 }
 
 impl Store {
-    fn index(&mut self, key: &ObjKey, object: &DynamicObject) {
+    fn index(&mut self, key: &ObjKey, object: &CachedObject) {
         for owner in object.owner_references() {
             self.by_owner
                 .entry(owner.uid.clone())
@@ -121,7 +208,7 @@ impl Store {
         }
     }
 
-    fn unindex(&mut self, key: &ObjKey, object: &DynamicObject) {
+    fn unindex(&mut self, key: &ObjKey, object: &CachedObject) {
         for owner in object.owner_references() {
             if let Some(keys) = self.by_owner.get_mut(&owner.uid) {
                 keys.remove(key);
@@ -135,8 +222,8 @@ impl Store {
     /// Stores `object`. Returns `None` when nothing changed, else the
     /// previous state (`Some(None)` for a new object).
     #[allow(clippy::option_option)]
-    fn upsert(&mut self, object: Arc<DynamicObject>) -> Option<Option<Arc<DynamicObject>>> {
-        let key = ObjKey::of(&object);
+    fn upsert(&mut self, object: Arc<CachedObject>) -> Option<Option<Arc<CachedObject>>> {
+        let key = ObjKey::of(&*object);
         let changed = self.objects.get(&key).is_none_or(|old| {
             old.resource_version() != object.resource_version() || old.uid() != object.uid()
         });
@@ -148,7 +235,7 @@ impl Store {
         changed.then_some(previous)
     }
 
-    fn remove(&mut self, key: &ObjKey) -> Option<Arc<DynamicObject>> {
+    fn remove(&mut self, key: &ObjKey) -> Option<Arc<CachedObject>> {
         let old = self.objects.remove(key)?;
         self.unindex(key, &old);
         Some(old)
@@ -159,7 +246,7 @@ impl Store {
 /// `apiVersion`/`kind` (list items arrive without them; plugins need them).
 /// Of `managedFields` only manager, operation and subresource stay: the host
 /// deletes only children its own field manager applied.
-fn strip(mut object: DynamicObject, resource: &ApiResource) -> DynamicObject {
+fn strip(mut object: DynamicObject, resource: &ApiResource) -> CachedObject {
     if object.types.is_none() {
         object.types = Some(kube::api::TypeMeta {
             api_version: resource.api_version.clone(),
@@ -177,7 +264,7 @@ fn strip(mut object: DynamicObject, resource: &ApiResource) -> DynamicObject {
     if let Some(annotations) = object.metadata.annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
-    object
+    CachedObject::new(object)
 }
 
 /// The cache of one kind.
@@ -197,17 +284,17 @@ pub struct KindCache {
 
 impl KindCache {
     /// The cached object at `key`.
-    pub fn get(&self, key: &ObjKey) -> Option<Arc<DynamicObject>> {
+    pub fn get(&self, key: &ObjKey) -> Option<Arc<CachedObject>> {
         self.read().objects.get(key).cloned()
     }
 
     /// Every cached object.
-    pub fn list(&self) -> Vec<Arc<DynamicObject>> {
+    pub fn list(&self) -> Vec<Arc<CachedObject>> {
         self.read().objects.values().cloned().collect()
     }
 
     /// Objects with an owner reference to `uid`.
-    pub fn owned_by(&self, uid: &str) -> Vec<Arc<DynamicObject>> {
+    pub fn owned_by(&self, uid: &str) -> Vec<Arc<CachedObject>> {
         let store = self.read();
         store
             .by_owner
@@ -221,7 +308,7 @@ impl KindCache {
     }
 
     /// Objects in `namespace`.
-    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<DynamicObject>> {
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<CachedObject>> {
         self.read()
             .objects
             .iter()
@@ -265,7 +352,7 @@ impl KindCache {
         let kind = self.gvk.to_string();
         let mut out = Vec::new();
         let mut send =
-            |object: Arc<DynamicObject>, deleted: bool, previous: Option<Arc<DynamicObject>>| {
+            |object: Arc<CachedObject>, deleted: bool, previous: Option<Arc<CachedObject>>| {
                 out.push(Change {
                     gvk: self.gvk.clone(),
                     view: self.view,
@@ -299,7 +386,7 @@ impl KindCache {
             Event::InitApply(object) => {
                 let object = Arc::new(strip(object, &self.resource));
                 if let Some(relist) = self.write().relist.as_mut() {
-                    relist.insert(ObjKey::of(&object), object);
+                    relist.insert(ObjKey::of(&*object), object);
                 }
             }
             Event::InitDone => {

@@ -18,7 +18,7 @@ use crate::plan::{self, owner_reference, prepare_child};
 use crate::plugin::hotswap::PluginDir;
 use crate::plugin::info::{FieldManager, PluginInfo};
 use crate::plugin::loader::{load_dir, load_file};
-use crate::plugin::runtime::{LoadedPlugin, MAX_CONCURRENT_CALLS, Runtime, wit};
+use crate::plugin::runtime::{LoadedPlugin, Runtime, wit};
 use crate::reconcile::now_rfc3339;
 use crate::tenant::limits::{DEFAULT_MEMORY_CAP, Limits, MAX_DEADLINE};
 use crate::validate::{ParentRef, is_dns_subdomain, validate_output};
@@ -99,8 +99,9 @@ struct RunArgs {
     /// Apply the CRDs the plugins carry before serving them.
     #[arg(long)]
     install_crds: bool,
-    /// Reconciles in flight at once across all plugins (at most the instance pool, 64).
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    /// Reconciles in flight at once across all plugins (1-512; each holds one of the 64
+    /// instance slots only while its plugin runs).
+    #[arg(long, value_name = "N", default_value_t = crate::tenant::limits::DEFAULT_CONCURRENT_RECONCILES)]
     max_concurrent_reconciles: usize,
     /// Caps the reconciles of each plugin at once (a grant's `concurrency` overrides it).
     /// Default: none: a plugin alone may use every slot of --max-concurrent-reconciles,
@@ -195,10 +196,10 @@ fn check_run_args(args: &RunArgs) -> anyhow::Result<()> {
     if !args.plugins.is_dir() {
         bail!("--plugins {} is not a directory", args.plugins.display());
     }
-    let pool = MAX_CONCURRENT_CALLS as usize;
+    let pool = crate::tenant::limits::MAX_CONCURRENT_RECONCILES;
     if args.max_concurrent_reconciles == 0 || args.max_concurrent_reconciles > pool {
         bail!(
-            "--max-concurrent-reconciles must be between 1 and {pool} (the instance pool), got {}",
+            "--max-concurrent-reconciles must be between 1 and {pool}, got {}",
             args.max_concurrent_reconciles
         );
     }
@@ -416,7 +417,11 @@ async fn test(args: &TestArgs) -> anyhow::Result<()> {
     let mut children = Vec::new();
     for path in &args.children {
         for doc in read_yaml_docs(path)? {
-            children.push(Arc::new(fixture_child(doc, &parent_object, info)?));
+            children.push(Arc::new(crate::cache::CachedObject::new(fixture_child(
+                doc,
+                &parent_object,
+                info,
+            )?)));
         }
     }
     let mut related = Vec::new();
@@ -425,10 +430,7 @@ async fn test(args: &TestArgs) -> anyhow::Result<()> {
     }
     let input = wit::Observed {
         parent: parent.to_string(),
-        children: children
-            .iter()
-            .map(|c| serde_json::to_string(&**c))
-            .collect::<Result<_, _>>()?,
+        children: children.iter().map(|c| c.json().to_owned()).collect(),
         related: related.iter().map(Value::to_string).collect(),
         context: wit::Context {
             now: now_rfc3339(),
@@ -471,7 +473,7 @@ async fn test(args: &TestArgs) -> anyhow::Result<()> {
         children
             .iter()
             .find(|c| {
-                Gvk::of_dynamic(c).as_ref() == Some(gvk)
+                Gvk::of_cached(c).as_ref() == Some(gvk)
                     && c.metadata.name.as_deref() == Some(name)
                     && c.metadata.namespace.as_deref() == ns
             })

@@ -47,7 +47,16 @@ impl Gvk {
     /// The kind of a cached object, from its type meta (the caches fill it
     /// in), without serializing the object.
     pub fn of_dynamic(object: &kube::api::DynamicObject) -> Option<Self> {
-        let types = object.types.as_ref()?;
+        Self::of_types(object.types.as_ref())
+    }
+
+    /// The kind of a cached object, from its type meta.
+    pub fn of_cached(object: &crate::cache::CachedObject) -> Option<Self> {
+        Self::of_types(object.types.as_ref())
+    }
+
+    fn of_types(types: Option<&kube::api::TypeMeta>) -> Option<Self> {
+        let types = types?;
         let (group, version) = types
             .api_version
             .rsplit_once('/')

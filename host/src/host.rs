@@ -8,14 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::DynamicObject;
 use kube::{Client, ResourceExt};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::active::{ActivePlugin, Plugins};
 use crate::apply::{ApiWriter, ChildResource, CrdError, PluginWriter};
-use crate::cache::{CacheError, Caches, Change, KindCache, View, change_channel};
+use crate::cache::{CacheError, CachedObject, Caches, Change, KindCache, View, change_channel};
 use crate::gvk::Gvk;
 use crate::metrics::Metrics;
 use crate::plan;
@@ -229,6 +228,7 @@ impl Host {
                 resources,
             ),
             quarantine: Quarantine::new(loaded.grant.quarantine_after),
+            settled: Default::default(),
             loaded,
             parent,
             children,
@@ -306,7 +306,8 @@ impl Host {
             .parents_in(None)
             .iter()
             .filter_map(|key| p.parent_at(key))
-            .filter(|parent| plan::has_finalizer(p.info(), parent))
+            .filter(|parent| plan::has_finalizer(p.info(), &**parent))
+            .map(|parent| parent.to_dynamic())
             .collect();
         let released = held.len();
         futures::stream::iter(held)
@@ -324,12 +325,14 @@ impl Host {
         tracing::info!(plugin = %name, released_finalizers = released, "plugin unloaded");
     }
 
-    /// Queues every parent of every plugin now.
+    /// Queues every parent of every plugin now (`POST /resync`), calling
+    /// each plugin even where nothing changed since it left a parent
+    /// settled: an operator asking for a resync wants the plugins to look.
     pub fn resync_all(&self) {
         for p in self.plugins.all() {
             self.metrics.resync(&p.info().name);
             for key in p.parents_in(None) {
-                self.queue.add(key, "resync");
+                self.queue.add(key, crate::reconcile::FORCED_RESYNC);
             }
         }
     }
@@ -349,8 +352,9 @@ impl Host {
             let info = p.info();
             if info.parent == change.gvk && change.view == View::All {
                 if change.deleted {
-                    p.writer.forget(&change.object);
-                } else if p.writer.is_own_echo(&change.object) {
+                    p.writer.forget(&*change.object);
+                    p.settled.forget(&crate::cache::ObjKey::of(&*change.object));
+                } else if p.writer.is_own_echo(&*change.object) {
                     self.metrics.echo_skipped(&info.name);
                 } else {
                     self.queue.add(
@@ -362,7 +366,7 @@ impl Host {
             }
             // Route by the object's current and previous state, so a parent
             // that an object stops belonging to is looked at again too.
-            let states: [Option<&Arc<DynamicObject>>; 2] =
+            let states: [Option<&Arc<CachedObject>>; 2] =
                 [Some(&change.object), change.previous.as_ref()];
             for object in states.into_iter().flatten() {
                 if p.is_child_cache(&change.gvk, change.view)

@@ -26,7 +26,7 @@ use kube::api::DynamicObject;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::cache::PLUGIN_LABEL;
+use crate::cache::{CachedObject, PLUGIN_LABEL};
 use crate::gvk::Gvk;
 use crate::plugin::info::{FieldManager, PluginInfo};
 use crate::tenant::grant::Grant;
@@ -197,7 +197,7 @@ impl ApplyReason {
 
 /// Whether `desired` (from [`prepare_child`]) must be applied over `cached`,
 /// and why.
-pub fn needs_apply(desired: &Value, cached: Option<&DynamicObject>) -> Option<ApplyReason> {
+pub fn needs_apply(desired: &Value, cached: Option<&CachedObject>) -> Option<ApplyReason> {
     let Some(cached) = cached else {
         return Some(ApplyReason::Missing);
     };
@@ -209,7 +209,7 @@ pub fn needs_apply(desired: &Value, cached: Option<&DynamicObject>) -> Option<Ap
     if want != have {
         return Some(ApplyReason::Changed);
     }
-    let mut cached = object_json(cached);
+    let mut cached = cached.value();
     // A relisted object may come without its type; compare what matters.
     let mut desired = desired.clone();
     for key in ["apiVersion", "kind"] {
@@ -449,7 +449,7 @@ pub enum PlanError {
 }
 
 /// Looks up the cached object of a kind, namespace and name.
-pub type CacheLookup<'a> = dyn Fn(&Gvk, Option<&str>, &str) -> Option<Arc<DynamicObject>> + 'a;
+pub type CacheLookup<'a> = dyn Fn(&Gvk, Option<&str>, &str) -> Option<Arc<CachedObject>> + 'a;
 
 /// What the plan step looks at.
 pub struct Observed<'a> {
@@ -460,7 +460,7 @@ pub struct Observed<'a> {
     /// The parent.
     pub parent: &'a DynamicObject,
     /// The children the parent controls.
-    pub children: &'a [Arc<DynamicObject>],
+    pub children: &'a [Arc<CachedObject>],
     /// The cached object of a kind, namespace and name, if any.
     pub cached: &'a CacheLookup<'a>,
     /// Whether a kind is namespaced.
@@ -470,7 +470,7 @@ pub struct Observed<'a> {
 }
 
 /// Whether `object` is controlled by the object with `uid`.
-pub fn controlled_by(object: &DynamicObject, uid: &str) -> bool {
+pub fn controlled_by<K: kube::Resource>(object: &K, uid: &str) -> bool {
     object
         .owner_references()
         .iter()
@@ -485,7 +485,7 @@ pub fn may_delete(
     grant: &Grant,
     parent: &DynamicObject,
     gvk: &Gvk,
-    child: &DynamicObject,
+    child: &CachedObject,
 ) -> bool {
     let manager = info.field_manager(FieldManager::Children);
     let applied_by_us = child.metadata.managed_fields.as_ref().is_some_and(|m| {
@@ -503,7 +503,7 @@ pub fn may_delete(
 }
 
 /// Whether the parent carries the host's finalizer.
-pub fn has_finalizer(info: &PluginInfo, parent: &DynamicObject) -> bool {
+pub fn has_finalizer<K: kube::Resource>(info: &PluginInfo, parent: &K) -> bool {
     parent.finalizers().contains(&info.finalizer_name())
 }
 
@@ -538,7 +538,7 @@ pub fn reconcile(seen: &Observed<'_>, output: Output) -> Result<Plan, PlanError>
         };
         let cached = (seen.cached)(&child.gvk, child_ns.as_deref(), &child.name);
         if let Some(existing) = &cached
-            && !controlled_by(existing, &parent_uid)
+            && !controlled_by(&**existing, &parent_uid)
         {
             let owner = existing
                 .owner_references()
@@ -565,7 +565,7 @@ pub fn reconcile(seen: &Observed<'_>, output: Output) -> Result<Plan, PlanError>
         }
     }
     for child in seen.children {
-        let Some(gvk) = Gvk::of_dynamic(child) else {
+        let Some(gvk) = Gvk::of_cached(child) else {
             continue;
         };
         if keep.contains(&(gvk.clone(), child.name_any()))

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::active::ActivePlugin;
 use crate::apply::WriteError;
-use crate::cache::ObjKey;
+use crate::cache::{CachedObject, ObjKey};
 use crate::gvk::Gvk;
 use crate::metrics::Metrics;
 use crate::plan::{self, ApplyReason, FINALIZE_POLL, Observed, Plan, PlanError, Write};
@@ -144,6 +144,10 @@ impl Failure {
     }
 }
 
+/// The trigger of `POST /resync`: the plugin is called even for a parent it
+/// left settled with the same inputs.
+pub const FORCED_RESYNC: &str = "forced resync";
+
 /// The current time as the plugins see it: RFC 3339, whole seconds (the
 /// precision the API server keeps for timestamps).
 pub fn now_rfc3339() -> String {
@@ -171,14 +175,15 @@ pub async fn run(
         if plugin.parent.is_synced()
             && let Some(parent) = plugin.parent_at(key)
         {
-            report(plugin, &parent, &failure).await;
+            report(plugin, &parent.to_dynamic(), &failure).await;
         }
         return Outcome::Failure;
     }
-    let Some(parent) = plugin.parent_at(key) else {
+    let Some(cached) = plugin.parent_at(key) else {
         // Deleted: the garbage collector removes its children.
         return Outcome::Skipped;
     };
+    let parent = cached.to_dynamic();
     if !plugin
         .loaded
         .grant
@@ -204,7 +209,7 @@ pub async fn run(
         trigger,
     );
     let started = Instant::now();
-    let result = reconcile_parent(plugin, &ctx.metrics, &parent, trigger)
+    let result = reconcile_parent(plugin, &ctx.metrics, &parent, cached.json(), trigger)
         .instrument(span.clone())
         .await;
     let seconds = started.elapsed().as_secs_f64();
@@ -213,6 +218,12 @@ pub async fn run(
         ctx.metrics.plugin_log_dropped(name, dropped);
     }
     match result {
+        Ok(Reconciled {
+            unchanged: true, ..
+        }) => {
+            ctx.metrics.reconciled(name, "unchanged", seconds);
+            Outcome::Skipped
+        }
         Ok(Reconciled { called: false, .. }) => Outcome::Skipped,
         Ok(Reconciled { requeue_after, .. }) => {
             if plugin.quarantine.success() == Transition::Lifted {
@@ -286,39 +297,42 @@ async fn report(plugin: &ActivePlugin, parent: &DynamicObject, failure: &Failure
 }
 
 /// The children `parent` controls, across the plugin's child kinds.
-pub fn observed_children(plugin: &ActivePlugin, parent: &DynamicObject) -> Vec<Arc<DynamicObject>> {
+pub fn observed_children(plugin: &ActivePlugin, parent: &DynamicObject) -> Vec<Arc<CachedObject>> {
     let uid = parent.uid().unwrap_or_default();
     plugin
         .children
         .iter()
         .flat_map(|cache| cache.owned_by(&uid))
-        .filter(|child| plan::controlled_by(child, &uid))
+        .filter(|child| plan::controlled_by(&**child, &uid))
         .collect()
 }
 
-fn to_json(object: &DynamicObject) -> String {
-    serde_json::to_string(object).unwrap_or_else(|_| "{}".into())
-}
-
-/// What the plugin is shown for `parent`: its children and related objects
-/// from the caches, and the call's context. Returns the children too.
+/// What the plugin is shown for `parent` (whose cached JSON is
+/// `parent_json`): its children and related objects from the caches, as the
+/// JSON text the caches hold, and the call's context. Returns the children
+/// too.
 fn snapshot(
     plugin: &ActivePlugin,
     parent: &DynamicObject,
+    parent_json: &str,
     trigger: &str,
-) -> (Vec<Arc<DynamicObject>>, wit::Observed) {
+) -> (
+    Vec<Arc<CachedObject>>,
+    Vec<Arc<CachedObject>>,
+    wit::Observed,
+) {
     let children = observed_children(plugin, parent);
     let related = crate::related::objects_of(plugin, parent, &children);
     let input = wit::Observed {
-        parent: to_json(parent),
-        children: children.iter().map(|c| to_json(c)).collect(),
-        related: related.iter().map(|c| to_json(c)).collect(),
+        parent: parent_json.to_owned(),
+        children: children.iter().map(|c| c.json().to_owned()).collect(),
+        related: related.iter().map(|c| c.json().to_owned()).collect(),
         context: wit::Context {
             now: now_rfc3339(),
             trigger: trigger.to_owned(),
         },
     };
-    (children, input)
+    (children, related, input)
 }
 
 /// `text` cut to [`MAX_EVENT_MESSAGE_BYTES`]: whatever a plugin says ends
@@ -343,6 +357,9 @@ struct Reconciled {
     /// Whether the plugin was called (only then does it count as a success
     /// of the plugin).
     called: bool,
+    /// Whether the plugin was not called because its inputs are those of a
+    /// reconcile that left the parent settled.
+    unchanged: bool,
 }
 
 impl Reconciled {
@@ -350,6 +367,7 @@ impl Reconciled {
         Self {
             requeue_after,
             called: true,
+            unchanged: false,
         }
     }
 }
@@ -372,6 +390,7 @@ async fn reconcile_parent(
     plugin: &ActivePlugin,
     metrics: &Metrics,
     parent: &DynamicObject,
+    parent_json: &str,
     trigger: &'static str,
 ) -> Result<Reconciled, Failure> {
     let info = plugin.info();
@@ -383,6 +402,7 @@ async fn reconcile_parent(
     let skipped = Reconciled {
         requeue_after: None,
         called: false,
+        unchanged: false,
     };
     if deleting && !has_finalizer {
         return Ok(skipped);
@@ -393,8 +413,17 @@ async fn reconcile_parent(
         writer.set_finalizer(parent, false).await?;
         return Ok(skipped);
     }
-    let (children, input) = snapshot(plugin, parent, trigger);
+    let (children, related, input) = snapshot(plugin, parent, parent_json, trigger);
+    let key = ObjKey::of(parent);
+    let seen = crate::active::fingerprint(parent, children.iter().chain(&related).map(|o| &**o));
     lap(metrics, &info.name, "snapshot", &mut clock);
+    if !deleting && trigger != FORCED_RESYNC && plugin.settled.is(&key, seen) {
+        return Ok(Reconciled {
+            unchanged: true,
+            ..skipped
+        });
+    }
+    plugin.settled.forget(&key);
 
     if deleting {
         let finalized = plugin
@@ -463,6 +492,9 @@ async fn reconcile_parent(
     lap(metrics, &info.name, "preflight", &mut clock);
     writer.execute(parent, &plan).await?;
     lap(metrics, &info.name, "apply", &mut clock);
+    if plan.writes.is_empty() && plan.requeue_after.is_none() {
+        plugin.settled.set(key, seen);
+    }
     tracing::trace!(writes = plan.writes.len(), "applied");
     Ok(Reconciled::called(plan.requeue_after))
 }
@@ -530,7 +562,7 @@ async fn preflight(
                 }
                 .into());
             }
-            if plan::needs_apply(body, Some(&existing)).is_none() {
+            if plan::needs_apply(body, Some(&CachedObject::new(existing))).is_none() {
                 continue;
             }
         }
@@ -551,7 +583,8 @@ pub async fn release(plugin: &ActivePlugin, parent: &DynamicObject) {
         .grant
         .allows_namespace(parent.metadata.namespace.as_deref());
     if parent.meta().deletion_timestamp.is_some() && info.finalizer && granted {
-        let (_, input) = snapshot(plugin, parent, "plugin unloaded");
+        let json = serde_json::to_string(parent).unwrap_or_else(|_| "{}".into());
+        let (_, _, input) = snapshot(plugin, parent, &json, "plugin unloaded");
         match plugin.loaded.finalize(&input).await {
             Ok(Ok(f)) if f.done => {}
             Ok(Ok(_)) => {

@@ -15,7 +15,7 @@ use kube::api::DynamicObject;
 use serde_json::Value;
 
 use crate::active::ActivePlugin;
-use crate::cache::{KindCache, ObjKey};
+use crate::cache::{CachedObject, KindCache, ObjKey};
 use crate::plan::object_json;
 use crate::plugin::info::RelatedMapping;
 use crate::queue::QueueKey;
@@ -38,7 +38,7 @@ pub fn selector_matches(
 
 /// Whether `plugin` may read `object` from `cache`: cluster-scoped kinds as
 /// granted, namespaced ones only from granted namespaces.
-fn readable(plugin: &ActivePlugin, cache: &KindCache, object: &DynamicObject) -> bool {
+fn readable(plugin: &ActivePlugin, cache: &KindCache, object: &CachedObject) -> bool {
     !cache.namespaced
         || plugin
             .loaded
@@ -52,7 +52,7 @@ pub fn parents_of(
     plugin: &ActivePlugin,
     cache: &KindCache,
     mapping: &RelatedMapping,
-    object: &DynamicObject,
+    object: &CachedObject,
 ) -> Vec<QueueKey> {
     if !readable(plugin, cache, object) {
         return Vec::new();
@@ -86,7 +86,7 @@ pub fn parents_of(
             };
             parents
                 .iter()
-                .filter(|p| selector_matches(&object_json(p), pointer, labels))
+                .filter(|p| selector_matches(&p.value(), pointer, labels))
                 .map(|p| plugin.key(p.namespace(), p.name_any()))
                 .collect()
         }
@@ -99,12 +99,12 @@ pub fn parents_of(
 pub fn objects_of(
     plugin: &ActivePlugin,
     parent: &DynamicObject,
-    children: &[Arc<DynamicObject>],
-) -> Vec<Arc<DynamicObject>> {
+    children: &[Arc<CachedObject>],
+) -> Vec<Arc<CachedObject>> {
     let mut out = Vec::new();
     let namespace = parent.namespace();
     for (cache, mapping) in &plugin.related {
-        let found: Vec<Arc<DynamicObject>> = match mapping {
+        let found: Vec<Arc<CachedObject>> = match mapping {
             RelatedMapping::OwnedByChild => children
                 .iter()
                 .flat_map(|child| cache.owned_by(&child.uid().unwrap_or_default()))

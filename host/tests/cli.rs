@@ -261,12 +261,12 @@ fn run_explains_a_missing_plugins_directory() {
 }
 
 #[test]
-fn run_refuses_more_reconciles_than_the_instance_pool() {
+fn run_refuses_out_of_range_concurrency() {
     let dir = tempfile::tempdir().unwrap();
     for (flag, value) in [
-        ("--max-concurrent-reconciles", "65"),
+        ("--max-concurrent-reconciles", "513"),
         ("--max-concurrent-reconciles", "0"),
-        ("--plugin-concurrency", "65"),
+        ("--plugin-concurrency", "513"),
         ("--call-deadline", "2h"),
     ] {
         let out = kuwa(&[

@@ -106,7 +106,9 @@ impl<S: Serialize> Desired<S> {
         self
     }
 
-    /// Reconcile again after `after` even when nothing changes.
+    /// Reconcile again after `after` even when nothing changes. Anything
+    /// that depends on time needs this: the host does not call the plugin
+    /// again for a parent whose inputs did not change.
     pub fn requeue_after(mut self, after: Duration) -> Self {
         self.requeue_after = Some(after);
         self

@@ -52,6 +52,8 @@ fn the_quick_bench_runs_end_to_end() -> Result<()> {
             "{system} writes in steady state"
         );
     }
+    // Resyncs of a settled world skip the plugin (the series must exist).
+    assert!(number(&report, "kuwa", "settled_skips_total")? > 0.0);
     // Every child moved to the new version (the time is recorded only then).
     number(&report, "kuwa", "hot_swap_all_s")?;
     assert_eq!(number(&report, "kuwa", "hot_swap_relists")?, 0.0);

@@ -1021,7 +1021,7 @@ async fn bad_manifest_values_are_refused_and_the_host_keeps_running() -> Result<
         ("fanout", "installCrd: true\nwritesPerSecond: 1e-300\n"),
         ("rogue", "installCrd: true\nwritesPerSecond: .inf\n"),
         ("spin", "installCrd: true\nwriteBurst: 0\n"),
-        ("hog", "installCrd: true\nconcurrency: 65\n"),
+        ("hog", "installCrd: true\nconcurrency: 513\n"),
         ("trap", "installCrd: true\nquarantineAfter: 0\n"),
         ("garbage", "installCrd: true\nnoSuchField: 1\n"),
     ];

@@ -67,11 +67,20 @@ fn plan_with(
     cached: &[Arc<DynamicObject>],
     out: Output,
 ) -> Result<Plan, PlanError> {
+    // As the caches hold them.
+    let hold = |objects: &[Arc<DynamicObject>]| -> Vec<Arc<CachedObject>> {
+        objects
+            .iter()
+            .map(|o| Arc::new(CachedObject::new((**o).clone())))
+            .collect()
+    };
+    let (children, cached) = (hold(children), hold(cached));
+    let children = &children[..];
     let lookup = |gvk: &Gvk, ns: Option<&str>, name: &str| {
         cached
             .iter()
             .find(|c| {
-                Gvk::of_object(&object_json(c)).as_ref() == Some(gvk)
+                Gvk::of_object(&c.value()).as_ref() == Some(gvk)
                     && c.namespace().as_deref() == ns
                     && c.name_any() == name
             })

@@ -47,7 +47,7 @@ use serde::Deserialize;
 
 use crate::gvk::Gvk;
 use crate::tenant::limits::{
-    Limits, MAX_CONCURRENT_CALLS, MAX_DEADLINE, MAX_MEMORY_CAP, OutputLimits,
+    Limits, MAX_CONCURRENT_RECONCILES, MAX_DEADLINE, MAX_MEMORY_CAP, OutputLimits,
 };
 
 /// Slowest write budget a manifest may set: one write every 1,000 s. Below
@@ -398,7 +398,7 @@ pub fn from_manifest(
     )?;
     let concurrency = m
         .concurrency
-        .map(|c| in_range("concurrency", c, 1, MAX_CONCURRENT_CALLS as usize, &invalid))
+        .map(|c| in_range("concurrency", c, 1, MAX_CONCURRENT_RECONCILES, &invalid))
         .transpose()?;
     let quarantine_after = in_range(
         "quarantineAfter",

@@ -22,9 +22,18 @@ pub const MAX_DESCRIBE_DEADLINE: Duration = Duration::from_secs(5);
 /// Calls that may run at once across all plugins. The pooling allocator has
 /// this many instance slots, and a call waits for a free slot before it
 /// instantiates, so the pool is never exhausted (and waiting for a slot is
-/// never blamed on a plugin). `--max-concurrent-reconciles` and a grant's
-/// `concurrency` may not exceed it.
+/// never blamed on a plugin).
 pub const MAX_CONCURRENT_CALLS: u32 = 64;
+
+/// Reconciles that may be in flight at once (`--max-concurrent-reconciles`,
+/// a grant's `concurrency`). A reconcile holds an instance slot only while
+/// its plugin runs (a fraction of a millisecond); the rest is waiting for
+/// API round trips, so many more reconciles than slots may be in flight.
+pub const MAX_CONCURRENT_RECONCILES: usize = 512;
+
+/// Default of `--max-concurrent-reconciles`: enough round trips in flight
+/// that one plugin alone is bounded by the API server, not by the host.
+pub const DEFAULT_CONCURRENT_RECONCILES: usize = 64;
 
 /// Default linear-memory cap of one call. A reconcile holds one parent, its
 /// children and related objects as JSON twice over (text and parsed); 64 MiB

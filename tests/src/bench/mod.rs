@@ -73,6 +73,7 @@ struct RunResult {
     steady_writes: f64,
     steady_window_s: f64,
     steady_cpu_s: f64,
+    steady_unchanged: Option<f64>,
     swap_first_s: Option<f64>,
     swap_all_s: Option<f64>,
     swap_relists: Option<f64>,
@@ -292,6 +293,16 @@ async fn run_one(opts: &Options, client: &Client, system: System, run: usize) ->
         tokio::time::sleep(window).await;
         let steady_to = controller.counters().await?;
         let steady_cpu_to = controller.sample()?;
+        // kuwa: how many of the window's reconciles found their parent
+        // settled and skipped the plugin (None when the series is absent).
+        let steady_unchanged = match system {
+            System::Kuwa => metric_sample(
+                &controller.metrics().await?,
+                "kuwa_reconciles_total",
+                &[("plugin", "webserver"), ("result", "unchanged")],
+            ),
+            _ => None,
+        };
         let mut result = RunResult {
             children_s: children.as_secs_f64(),
             ready_s: ready.as_secs_f64(),
@@ -305,6 +316,7 @@ async fn run_one(opts: &Options, client: &Client, system: System, run: usize) ->
             steady_writes: steady_to.writes - steady_from.writes,
             steady_window_s: window.as_secs_f64(),
             steady_cpu_s: steady_cpu_to.cpu - steady_cpu_from.cpu,
+            steady_unchanged,
             stages_ms,
             ..RunResult::default()
         };
@@ -502,6 +514,7 @@ fn summarize(runs: &[RunResult], parents: usize) -> Value {
         "steady_writes": m(&|r| r.steady_writes),
         "steady_writes_per_s": m(&|r| r.steady_writes / r.steady_window_s),
         "steady_cpu_ms_per_s": m(&|r| r.steady_cpu_s * 1000.0 / r.steady_window_s),
+        "settled_skips_total": swap(&|r| r.steady_unchanged),
         "hot_swap_first_s": swap(&|r| r.swap_first_s),
         "hot_swap_all_s": swap(&|r| r.swap_all_s),
         "hot_swap_relists": swap(&|r| r.swap_relists),
