@@ -78,6 +78,18 @@ struct RunResult {
     swap_all_s: Option<f64>,
     swap_relists: Option<f64>,
     stages_ms: BTreeMap<String, f64>,
+    /// Cores each control-plane component used during convergence.
+    cluster_cores: BTreeMap<String, f64>,
+    /// The controller's own cores during convergence.
+    controller_cores: f64,
+    swap_writes_per_s: Option<f64>,
+}
+
+fn cluster_cpu() -> BTreeMap<String, f64> {
+    procs::cluster_processes()
+        .into_iter()
+        .filter_map(|(component, pid)| Some((component, procs::sample(pid).ok()?.cpu)))
+        .collect()
 }
 
 fn progress(text: &str) {
@@ -214,6 +226,7 @@ async fn run_one(opts: &Options, client: &Client, system: System, run: usize) ->
             System::Kuwa => stage_seconds(&controller.metrics().await?),
             _ => BTreeMap::new(),
         };
+        let cluster_before = cluster_cpu();
         let start = Instant::now();
         let observer = Observer::start(client, &ns, start, Some(V2_LABEL));
         let api: Api<DynamicObject> =
@@ -253,6 +266,14 @@ async fn run_one(opts: &Options, client: &Client, system: System, run: usize) ->
         .await?;
         let converged = controller.sample()?;
         let after = controller.counters().await?;
+        let elapsed = start.elapsed().as_secs_f64();
+        let cluster_cores = cluster_cpu()
+            .into_iter()
+            .filter_map(|(c, cpu)| {
+                let before = cluster_before.get(&c)?;
+                Some((c, (cpu - before) / elapsed))
+            })
+            .collect();
         let latencies: Vec<f64> = {
             let s = observer.lock();
             names
@@ -318,14 +339,19 @@ async fn run_one(opts: &Options, client: &Client, system: System, run: usize) ->
             steady_cpu_s: steady_cpu_to.cpu - steady_cpu_from.cpu,
             steady_unchanged,
             stages_ms,
+            cluster_cores,
+            controller_cores: (converged.cpu - idle.cpu) / elapsed,
             ..RunResult::default()
         };
         if system == System::Kuwa {
+            let writes_before = controller.counters().await?.writes;
             let (first, all, relists) =
                 hot_swap(opts, &controller, &observer, &child_names).await?;
+            let swap_writes = controller.counters().await?.writes - writes_before;
             progress(&format!(
-                "kuwa run {run}: hot swap first {first:.2}s, all {all:.2}s, relists {relists}"
+                "kuwa run {run}: hot swap first {first:.2}s, all {all:.2}s, relists {relists}, writes {swap_writes}"
             ));
+            result.swap_writes_per_s = Some(swap_writes / all.max(0.001));
             result.swap_first_s = Some(first);
             result.swap_all_s = Some(all);
             result.swap_relists = Some(relists);
@@ -492,6 +518,15 @@ fn summarize(runs: &[RunResult], parents: usize) -> Value {
             );
         }
     }
+    let mut cores = serde_json::Map::new();
+    if let Some(first) = runs.first() {
+        for c in first.cluster_cores.keys() {
+            cores.insert(
+                c.clone(),
+                m(&|r| r.cluster_cores.get(c).copied().unwrap_or(f64::NAN)),
+            );
+        }
+    }
     let swap = |f: &dyn Fn(&RunResult) -> Option<f64>| -> Value {
         let v: Vec<f64> = runs.iter().filter_map(f).collect();
         num(median(&v))
@@ -518,6 +553,9 @@ fn summarize(runs: &[RunResult], parents: usize) -> Value {
         "hot_swap_first_s": swap(&|r| r.swap_first_s),
         "hot_swap_all_s": swap(&|r| r.swap_all_s),
         "hot_swap_relists": swap(&|r| r.swap_relists),
+        "hot_swap_writes_per_s": swap(&|r| r.swap_writes_per_s),
+        "controller_cores": m(&|r| r.controller_cores),
+        "cluster_cores": cores,
         "stage_ms_per_reconcile": stages,
     })
 }
@@ -560,6 +598,8 @@ pub fn table(report: &Value) -> String {
         ("hot swap: first child (s)", "hot_swap_first_s"),
         ("hot swap: all children (s)", "hot_swap_all_s"),
         ("hot swap: relists", "hot_swap_relists"),
+        ("hot swap: writes/s", "hot_swap_writes_per_s"),
+        ("controller cores during convergence", "controller_cores"),
     ];
     let fmt = |v: &Value| match v.as_f64() {
         Some(x) if x.abs() >= 100.0 => format!("{x:.0}"),
@@ -611,6 +651,17 @@ pub fn table(report: &Value) -> String {
         }
         out += "\n";
     }
+    for s in &systems {
+        if let Some(cores) = report["systems"][*s]["cluster_cores"].as_object()
+            && !cores.is_empty()
+        {
+            out += &format!("\ncontrol plane cores while {s} converged:");
+            for (k, v) in cores {
+                out += &format!(" {k} {}", fmt(v));
+            }
+        }
+    }
+    out += "\n";
     if let Some(stages) = report["systems"]["kuwa"]["stage_ms_per_reconcile"].as_object()
         && !stages.is_empty()
     {

@@ -95,6 +95,40 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// The local control plane's processes (`kuwa-localcluster <component>`),
+/// by component, found in `/proc`.
+pub fn cluster_processes() -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args
+            .first()
+            .is_some_and(|a| a.ends_with("kuwa-localcluster"))
+            && let Some(component) = args.get(1)
+        {
+            out.push((component.clone(), pid));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// CPU and RSS of `pid` from `/proc`.
 pub fn sample(pid: u32) -> Result<Sample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
