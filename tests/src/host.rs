@@ -46,7 +46,8 @@ pub fn test_plugin(name: &str) -> Result<PathBuf> {
     component("KUWA_TEST_PLUGINS_DIR", "target/test-plugins", name)
 }
 
-fn free_port() -> Result<u16> {
+/// A free TCP port on loopback.
+pub fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
@@ -152,21 +153,7 @@ impl KuwaHost {
             log,
             _dir: dir,
         };
-        let ready = wait_for("kuwa /readyz", Duration::from_secs(120), || {
-            let exited = host.child.try_wait().ok().flatten();
-            let addr = host.addr;
-            async move {
-                if let Some(status) = exited {
-                    bail!("kuwa exited early with {status}");
-                }
-                Ok(http(addr, "GET", "/readyz")
-                    .await
-                    .ok()
-                    .filter(|(code, _)| *code == 200)
-                    .map(|_| ()))
-            }
-        })
-        .await;
+        let ready = wait_ready(&mut host.child, host.addr, "kuwa").await;
         if let Err(e) = ready {
             return Err(e.context(format!("kuwa log:\n{}", host.log_tail(60))));
         }
@@ -327,6 +314,25 @@ pub fn metric_sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<
 /// test has already seen exposed, or whose absence means the same as 0.
 pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric_sample(text, name, labels).unwrap_or(0.0)
+}
+
+/// Waits (at most 120 s) until the process `child`, called `what`, answers
+/// 200 on `/readyz` at `addr`; fails as soon as it exits.
+pub async fn wait_ready(child: &mut Child, addr: SocketAddr, what: &str) -> Result<()> {
+    wait_for(&format!("{what} /readyz"), Duration::from_secs(120), || {
+        let exited = child.try_wait().ok().flatten();
+        async move {
+            if let Some(status) = exited {
+                bail!("{what} exited early with {status}");
+            }
+            Ok(http(addr, "GET", "/readyz")
+                .await
+                .ok()
+                .filter(|(code, _)| *code == 200)
+                .map(|_| ()))
+        }
+    })
+    .await
 }
 
 /// A minimal HTTP/1.0 request on loopback; returns status code and body.

@@ -8,7 +8,6 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::Args as ClapArgs;
-use sha2::{Digest, Sha256};
 
 use crate::{cluster, plugins, workspace_root};
 
@@ -63,28 +62,16 @@ fn cargo_build(release: bool, packages: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// Hash of the peer's go.mod, go.sum and Go files, and the Go version.
+/// Hash of the peer's go.mod, go.sum and Go files, the Go version and the
+/// build flags.
 fn go_source_hash(dir: &Path) -> Result<String> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            p.is_file() && (name == "go.mod" || name == "go.sum" || name.ends_with(".go"))
-        })
-        .collect();
-    files.sort();
-    let mut h = Sha256::new();
     let go = Command::new("go")
         .arg("version")
         .output()
         .context("running `go version` (Go 1.26 must be on PATH)")?;
-    h.update(&go.stdout);
-    for f in &files {
-        h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
-        h.update(std::fs::read(f)?);
-    }
-    Ok(hex::encode(&h.finalize()[..8]))
+    let mut recipe = go.stdout;
+    recipe.extend_from_slice(b"\0-trimpath -ldflags=-s -w\0");
+    cluster::gobuild::go_sources_hash(dir, &recipe)
 }
 
 /// Builds the Go controller-runtime peer (cached by a hash of its sources
@@ -100,11 +87,10 @@ pub fn build_go_peer() -> Result<PathBuf> {
     }
     eprintln!("==> building the controller-runtime peer (Go, modules from the proxy)");
     let tmp = dir.join(format!(".peer-controller-runtime-{hash}.tmp"));
-    let status = Command::new("go")
+    let mut cmd = Command::new("go");
+    cluster::gobuild::go_env(&mut cmd);
+    let status = cmd
         .current_dir(&src)
-        .env("GOTOOLCHAIN", "local")
-        .env("CGO_ENABLED", "0")
-        .env("GOFLAGS", "-mod=readonly -buildvcs=false")
         .args(["build", "-trimpath", "-ldflags=-s -w", "-o"])
         .arg(&tmp)
         .arg(".")

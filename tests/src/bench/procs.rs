@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::host::{http, metric_sample};
-use crate::wait_for;
+use crate::host::{free_port, http, metric_sample, wait_ready};
 
 /// One of the systems the bench compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -80,19 +79,17 @@ pub struct Controller {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// Clock ticks per second of `/proc/<pid>/stat` times.
+/// Clock ticks per second of `/proc/<pid>/stat` times (asked once).
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// The local control plane's processes (`kuwa-localcluster <component>`),
@@ -223,25 +220,7 @@ impl Controller {
             log,
             _dir: dir,
         };
-        let ready = wait_for(
-            &format!("{} /readyz", system.label()),
-            Duration::from_secs(120),
-            || {
-                let exited = controller.child.try_wait().ok().flatten();
-                let addr = controller.addr;
-                async move {
-                    if let Some(status) = exited {
-                        bail!("exited early with {status}");
-                    }
-                    Ok(http(addr, "GET", "/readyz")
-                        .await
-                        .ok()
-                        .filter(|(code, _)| *code == 200)
-                        .map(|_| ()))
-                }
-            },
-        )
-        .await;
+        let ready = wait_ready(&mut controller.child, controller.addr, system.label()).await;
         if let Err(e) = ready {
             return Err(e.context(format!(
                 "{} log:\n{}",

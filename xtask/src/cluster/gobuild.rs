@@ -32,7 +32,7 @@ fn ldflags() -> String {
 
 /// Environment for every `go` invocation: the local toolchain only (no
 /// auto-download), pure Go, go.sum as committed.
-fn go_env(cmd: &mut Command) {
+pub fn go_env(cmd: &mut Command) {
     cmd.env("GOTOOLCHAIN", "local")
         .env("CGO_ENABLED", "0")
         .env("GOFLAGS", "-mod=readonly -buildvcs=false");
@@ -45,6 +45,15 @@ pub fn source_dir() -> PathBuf {
 
 /// Hash of go.mod, go.sum, every *.go file and the build recipe.
 fn source_hash(dir: &Path) -> Result<String> {
+    let mut recipe = ldflags().into_bytes();
+    recipe.extend_from_slice(b"\0CGO_ENABLED=0 -trimpath\0");
+    go_sources_hash(dir, &recipe)
+}
+
+/// Hash of `recipe` (how the module is built) followed by the name and
+/// content of go.mod, go.sum and every *.go file in `dir`: the cache key of
+/// a Go build.
+pub fn go_sources_hash(dir: &Path, recipe: &[u8]) -> Result<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -55,8 +64,7 @@ fn source_hash(dir: &Path) -> Result<String> {
         .collect();
     files.sort();
     let mut h = Sha256::new();
-    h.update(ldflags().as_bytes());
-    h.update(b"\0CGO_ENABLED=0 -trimpath\0");
+    h.update(recipe);
     for f in &files {
         h.update(
             f.file_name()

@@ -9,7 +9,7 @@
 //! processes and removes the state dir. The binary also contains kubectl:
 //! `cargo xtask cluster kubectl -- <args>` or `<state dir>/bin/kubectl`.
 
-mod gobuild;
+pub mod gobuild;
 mod proc;
 pub mod state;
 
