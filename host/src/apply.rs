@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 
 use crate::cache::{ObjKey, PLUGIN_LABEL};
 use crate::gvk::Gvk;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::plan::{Plan, Write, owner_reference};
 use crate::plugin::info::{FieldManager, PluginInfo};
@@ -42,6 +43,9 @@ pub enum WriteError {
     /// The API server refused it or could not be reached. Retryable.
     #[error(transparent)]
     Api(#[from] kube::Error),
+    /// This host does not lead (leader election): another replica writes.
+    #[error("this host stands by (another replica holds the leader lease); nothing is written")]
+    NotLeader,
 }
 
 /// The API client and event recorder every plugin writer shares.
@@ -49,37 +53,51 @@ pub struct ApiWriter {
     client: Client,
     metrics: Arc<Metrics>,
     recorder: Recorder,
+    leadership: Arc<Leadership>,
 }
 
 impl ApiWriter {
-    /// Takes a cell of `plugin`'s `budget`, if it has one (waiting for one
-    /// if need be), and counts the write: every write of the host goes
-    /// through here.
+    /// Refuses the write unless this host leads, then takes a cell of
+    /// `plugin`'s `budget`, if it has one (waiting for one if need be), and
+    /// counts the write: every write of the host goes through here. The
+    /// leadership is checked again after a wait for the budget: a lease
+    /// lost meanwhile stops the write.
     async fn permit(
         &self,
         budget: Option<&WriteBudget>,
         plugin: &str,
         verb: &'static str,
         kind: &str,
-    ) {
+    ) -> Result<(), WriteError> {
+        if !self.leadership.may_write() {
+            return Err(WriteError::NotLeader);
+        }
         if let Some(budget) = budget
             && budget.take().await
         {
             self.metrics.write_budget_wait(plugin);
+            if !self.leadership.may_write() {
+                return Err(WriteError::NotLeader);
+            }
         }
         self.metrics.api_write(plugin, verb, kind);
+        Ok(())
     }
 
-    /// A writer reporting events as `kuwa`.
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    /// A writer reporting events as `kuwa`, writing only while
+    /// `leadership` allows.
+    pub fn new(client: Client, metrics: Arc<Metrics>, leadership: Arc<Leadership>) -> Self {
         let reporter = Reporter {
             controller: "kuwa".into(),
-            instance: std::env::var("HOSTNAME").ok(),
+            instance: std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .ok(),
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            leadership,
         }
     }
 }
@@ -224,7 +242,7 @@ impl PluginWriter {
         &self.plugin.info
     }
 
-    async fn permit(&self, verb: &'static str, gvk: &Gvk) {
+    async fn permit(&self, verb: &'static str, gvk: &Gvk) -> Result<(), WriteError> {
         self.api
             .permit(
                 self.budget.as_deref(),
@@ -232,7 +250,7 @@ impl PluginWriter {
                 verb,
                 &gvk.to_string(),
             )
-            .await;
+            .await
     }
 
     fn params(&self, part: FieldManager) -> PatchParams {
@@ -380,7 +398,7 @@ impl PluginWriter {
                 "{gvk} {name:?} lacks the host's label or owner reference"
             )));
         }
-        self.permit("apply", gvk).await;
+        self.permit("apply", gvk).await?;
         let t = Target {
             resource: &r.resource,
             gvk,
@@ -413,7 +431,7 @@ impl PluginWriter {
                 "{gvk} {name:?} is not in the parent's namespace"
             )));
         }
-        self.permit("delete", gvk).await;
+        self.permit("delete", gvk).await?;
         let params = DeleteParams {
             preconditions: Some(Preconditions {
                 uid: Some(uid.to_owned()),
@@ -438,7 +456,7 @@ impl PluginWriter {
 
     async fn apply_status(&self, parent: &DynamicObject, status: &Value) -> Result<(), WriteError> {
         let t = self.parent_target(parent);
-        self.permit("status", t.gvk).await;
+        self.permit("status", t.gvk).await?;
         let mut body = t.apply_body(json!({}));
         body["status"] = status.clone();
         let written = t
@@ -478,7 +496,7 @@ impl PluginWriter {
         present: bool,
     ) -> Result<(), WriteError> {
         let t = self.parent_target(parent);
-        self.permit("finalizer", t.gvk).await;
+        self.permit("finalizer", t.gvk).await?;
         let finalizers: Vec<String> = if present {
             vec![self.info().finalizer_name()]
         } else {
@@ -506,7 +524,10 @@ impl PluginWriter {
     /// Records an event on `parent`. Failures are logged, never fatal.
     pub async fn event(&self, parent: &DynamicObject, e: &EventOut) {
         let events = Gvk::new("events.k8s.io", "v1", "Event");
-        self.permit("event", &events).await;
+        if let Err(err) = self.permit("event", &events).await {
+            tracing::debug!(plugin = %self.info().name, reason = %e.reason, error = %err, "event not recorded");
+            return;
+        }
         let reference: ObjectReference = parent.object_ref(&self.parent);
         let event = Event {
             type_: if e.warning {
@@ -555,6 +576,9 @@ pub enum CrdError {
         #[source]
         source: kube::Error,
     },
+    /// This host stands by; the leader installs CRDs.
+    #[error("this host stands by; the leading replica installs CRDs")]
+    NotLeader,
     /// It did not become Established in time.
     #[error("CRD {0} was not Established within {1:?}")]
     NotEstablished(String, std::time::Duration),
@@ -615,7 +639,8 @@ impl ApiWriter {
             "crd",
             "apiextensions.k8s.io/v1/CustomResourceDefinition",
         )
-        .await;
+        .await
+        .map_err(|_| CrdError::NotLeader)?;
         api.patch(
             &name,
             &PatchParams::apply(&info.field_manager(FieldManager::Crd)).force(),

@@ -1,4 +1,4 @@
-//! The `kuwa` command line: `run`, `plugin check`, `plugin test`, `crds`.
+//! The `kuwa` command line: `run`, `plugin check`, `plugin test`, `crds`, `rbac`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use crate::cache::PLUGIN_LABEL;
 use crate::gvk::Gvk;
 use crate::host::{Host, HostConfig};
+use crate::leader::{Elector, Leadership, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::plan::{self, owner_reference, prepare_child};
 use crate::plugin::hotswap::PluginDir;
@@ -48,6 +49,43 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+    /// Print the least-privilege RBAC the plugins in a directory need (a ClusterRole,
+    /// Roles for namespace-limited grants and the leader Lease, and their bindings to the
+    /// host's ServiceAccount), as YAML.
+    Rbac(RbacArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RbacArgs {
+    /// Directory of plugin components (*.wasm) with their grants.
+    #[arg(long, value_name = "DIR")]
+    plugins: PathBuf,
+    /// Name of the ClusterRole, Roles and bindings.
+    #[arg(long, value_name = "NAME", default_value = "kuwa")]
+    name: String,
+    /// The host's ServiceAccount.
+    #[arg(long, value_name = "NAME", default_value = "kuwa")]
+    service_account: String,
+    /// The ServiceAccount's namespace.
+    #[arg(long, value_name = "NAMESPACE", default_value = "kuwa-system")]
+    service_account_namespace: String,
+    /// The host watches this namespace only (as `kuwa run --namespace`): reads of
+    /// namespaced kinds go into a Role there.
+    #[arg(long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// The host runs with --install-crds: plugins whose grant says `installCrd: true`
+    /// may create and patch their own CRD (by name).
+    #[arg(long)]
+    install_crds: bool,
+    /// The host runs without --leader-elect: no Lease rules.
+    #[arg(long)]
+    no_leader_election: bool,
+    /// The Lease's name (as `kuwa run --leader-election-id`).
+    #[arg(long, value_name = "NAME", default_value = "kuwa")]
+    leader_election_id: String,
+    /// The Lease's namespace (default: the ServiceAccount's).
+    #[arg(long, value_name = "NAMESPACE")]
+    leader_election_namespace: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -124,6 +162,64 @@ struct RunArgs {
     /// Compile every plugin at start instead of reading the compile cache.
     #[arg(long)]
     no_compile_cache: bool,
+    /// On SIGTERM or Ctrl-C, how long reconciles in flight may take to finish
+    /// before the host exits (and, with --leader-elect, releases the lease).
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Duration,
+    #[command(flatten)]
+    leader: LeaderArgs,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Leader election (several replicas, one writer)")]
+struct LeaderArgs {
+    /// Compete for a coordination.k8s.io Lease and reconcile only while holding
+    /// it; stand by with warm caches otherwise. Off by default (one host from a
+    /// shell); on in deploy/.
+    #[arg(long)]
+    leader_elect: bool,
+    /// The Lease's name.
+    #[arg(long, value_name = "NAME", default_value = "kuwa")]
+    leader_election_id: String,
+    /// The Lease's namespace (default: the service account's namespace in a
+    /// Pod, else the kubeconfig context's, else `default`).
+    #[arg(long, value_name = "NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// This replica's identity in the Lease (default: $POD_NAME, else the
+    /// hostname with the process id).
+    #[arg(long, value_name = "ID")]
+    leader_identity: Option<String>,
+    /// How long standbys wait after the last renewal they saw before taking
+    /// the Lease (whole seconds).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    leader_lease_duration: Duration,
+    /// How long a leader keeps writing without a successful renewal; it
+    /// stops writing once this has passed (shorter than the lease duration).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    leader_renew_deadline: Duration,
+    /// How often the leader renews and standbys retry (a released Lease is
+    /// taken at once: standbys watch it).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    leader_retry_period: Duration,
+}
+
+impl LeaderArgs {
+    fn config(&self, client: &kube::Client) -> LeaseConfig {
+        LeaseConfig {
+            name: self.leader_election_id.clone(),
+            namespace: self
+                .leader_election_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_owned()),
+            identity: self
+                .leader_identity
+                .clone()
+                .unwrap_or_else(crate::leader::default_identity),
+            lease_duration: self.leader_lease_duration,
+            renew_deadline: self.leader_renew_deadline,
+            retry_period: self.leader_retry_period,
+        }
+    }
 }
 
 /// The default compile-cache directory: `$XDG_CACHE_HOME/kuwa/compiled` or
@@ -145,6 +241,7 @@ pub fn main() -> ExitCode {
         Command::Plugin(PluginCommand::Check { file }) => tokio_main(check(&file)),
         Command::Plugin(PluginCommand::Test(args)) => tokio_main(test(&args)),
         Command::Crds { plugins, out } => tokio_main(crds(&plugins, out.as_deref())),
+        Command::Rbac(args) => tokio_main(rbac(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -226,6 +323,31 @@ fn check_run_args(args: &RunArgs) -> anyhow::Result<()> {
     if args.resync_period.is_zero() {
         bail!("--resync-period must be positive");
     }
+    if args.shutdown_timeout > Duration::from_secs(3600) {
+        bail!("--shutdown-timeout must be at most 1h");
+    }
+    if args.leader.leader_elect {
+        // The durations and names, before connecting (the namespace default
+        // comes from the client).
+        let config = LeaseConfig {
+            name: args.leader.leader_election_id.clone(),
+            namespace: "default".into(),
+            identity: args
+                .leader
+                .leader_identity
+                .clone()
+                .unwrap_or_else(|| "check".into()),
+            lease_duration: args.leader.leader_lease_duration,
+            renew_deadline: args.leader.leader_renew_deadline,
+            retry_period: args.leader.leader_retry_period,
+        };
+        config.check()?;
+        if let Some(ns) = &args.leader.leader_election_namespace
+            && !is_dns_subdomain(ns)
+        {
+            bail!("--leader-election-namespace {ns:?} is not a valid namespace");
+        }
+    }
     Ok(())
 }
 
@@ -246,12 +368,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e:#}"))
         .context("starting the wasm runtime")?;
     let metrics = Arc::new(Metrics::new());
+    let election = if args.leader.leader_elect {
+        let config = args.leader.config(&client);
+        config.check()?;
+        tracing::info!(lease = %format!("{}/{}", config.namespace, config.name), identity = %config.identity, "leader election on: standing by until the lease is held");
+        let leadership = Leadership::standby();
+        Some(Elector::new(
+            client.clone(),
+            config,
+            leadership,
+            metrics.clone(),
+        ))
+    } else {
+        None
+    };
+    let leadership = election
+        .as_ref()
+        .map_or_else(Leadership::always, Elector::leadership);
     let config = HostConfig {
         resync_period: args.resync_period,
         max_concurrent_reconciles: args.max_concurrent_reconciles,
         plugin_concurrency: args.plugin_concurrency,
         namespace: args.namespace.clone(),
         sync_timeout: args.cache_sync_timeout,
+        leadership,
     };
     let (host, changes) = Host::new(client.clone(), config, metrics);
     let endpoint = crate::endpoints::serve(args.metrics_addr, host.clone())
@@ -279,9 +419,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     )?;
     tasks.push(plugins.serve().await?);
     host.mark_started();
+    let election_task = election.as_ref().map(Elector::spawn);
 
     shutdown_signal().await;
-    tracing::info!("shutting down");
+    tracing::info!(timeout = ?args.shutdown_timeout, "shutting down: no new reconciles, waiting for those in flight");
+    let left = host.drain(args.shutdown_timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            running = left,
+            "reconciles still running at the shutdown timeout are cut short; their keys are reconciled again by the next leader"
+        );
+    }
+    if let (Some(elector), Some(task)) = (&election, election_task) {
+        task.abort();
+        match elector.release().await {
+            Ok(true) => tracing::info!("leader lease released"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the leader lease; a standby takes it when it expires")
+            }
+        }
+    }
     for t in tasks {
         t.abort();
     }
@@ -560,6 +718,79 @@ async fn crds(dir: &Path, out: Option<&Path>) -> anyhow::Result<()> {
     }
     if failed > 0 {
         bail!("{failed} plugin(s) could not be loaded");
+    }
+    Ok(())
+}
+
+async fn rbac(args: &RbacArgs) -> anyhow::Result<()> {
+    if !args.plugins.is_dir() {
+        bail!("--plugins {} is not a directory", args.plugins.display());
+    }
+    for (flag, value) in [
+        ("--name", Some(&args.name)),
+        ("--service-account", Some(&args.service_account)),
+        (
+            "--service-account-namespace",
+            Some(&args.service_account_namespace),
+        ),
+        ("--namespace", args.namespace.as_ref()),
+        ("--leader-election-id", Some(&args.leader_election_id)),
+        (
+            "--leader-election-namespace",
+            args.leader_election_namespace.as_ref(),
+        ),
+    ] {
+        if let Some(v) = value
+            && !is_dns_subdomain(v)
+        {
+            bail!("{flag} {v:?} is not a valid object name");
+        }
+    }
+    let runtime = Runtime::new(None)
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .context("starting the wasm runtime")?;
+    let mut needs = Vec::new();
+    let mut failed = 0;
+    for result in load_dir(&runtime, &args.plugins, Limits::default()).await? {
+        match result {
+            Ok(plugin) => needs.push(crate::rbac::PluginNeeds::of(&plugin, args.install_crds)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} plugin(s) could not be loaded; no RBAC printed");
+    }
+    if needs.is_empty() {
+        bail!("no plugins (*.wasm) in {}", args.plugins.display());
+    }
+    needs.sort_by(|a, b| a.name.cmp(&b.name));
+    let options = crate::rbac::Options {
+        name: args.name.clone(),
+        service_account: args.service_account.clone(),
+        service_account_namespace: args.service_account_namespace.clone(),
+        watch_namespace: args.namespace.clone(),
+        lease: (!args.no_leader_election).then(|| {
+            (
+                args.leader_election_namespace
+                    .clone()
+                    .unwrap_or_else(|| args.service_account_namespace.clone()),
+                args.leader_election_id.clone(),
+            )
+        }),
+    };
+    let names: Vec<&str> = needs.iter().map(|n| n.name.as_str()).collect();
+    println!(
+        "# Generated by `kuwa rbac --plugins DIR` for plugins {}. Do not edit.",
+        names.join(", ")
+    );
+    for (i, object) in crate::rbac::objects(&needs, &options).iter().enumerate() {
+        if i > 0 {
+            println!("---");
+        }
+        print!("{}", to_yaml(object)?);
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ use crate::active::{ActivePlugin, Plugins};
 use crate::apply::{ApiWriter, ChildResource, CrdError, PluginWriter};
 use crate::cache::{CacheError, CachedObject, Caches, Change, KindCache, View, change_channel};
 use crate::gvk::Gvk;
+use crate::leader::{Leadership, Role};
 use crate::metrics::Metrics;
 use crate::plan;
 use crate::plugin::runtime::LoadedPlugin;
@@ -45,6 +46,9 @@ pub struct HostConfig {
     pub namespace: Option<String>,
     /// How long a reconcile waits for its plugin's caches to sync.
     pub sync_timeout: Duration,
+    /// Whether this host may take keys and write now (leader election;
+    /// [`Leadership::always`] without it).
+    pub leadership: Arc<Leadership>,
 }
 
 /// Why a plugin could not be activated.
@@ -129,7 +133,11 @@ impl Host {
                 tx,
                 metrics.clone(),
             ),
-            api: Arc::new(ApiWriter::new(client, metrics.clone())),
+            api: Arc::new(ApiWriter::new(
+                client,
+                metrics.clone(),
+                config.leadership.clone(),
+            )),
             budgets: Mutex::default(),
             queue,
             context: Arc::new(Context {
@@ -302,13 +310,17 @@ impl Host {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let held: Vec<_> = p
-            .parents_in(None)
-            .iter()
-            .filter_map(|key| p.parent_at(key))
-            .filter(|parent| plan::has_finalizer(p.info(), &**parent))
-            .map(|parent| parent.to_dynamic())
-            .collect();
+        let held: Vec<_> = if self.config.leadership.may_write() {
+            p.parents_in(None)
+                .iter()
+                .filter_map(|key| p.parent_at(key))
+                .filter(|parent| plan::has_finalizer(p.info(), &**parent))
+                .map(|parent| parent.to_dynamic())
+                .collect()
+        } else {
+            // A standby writes nothing: the leading replica releases them.
+            Vec::new()
+        };
         let released = held.len();
         futures::stream::iter(held)
             .for_each_concurrent(RELEASE_CONCURRENCY, |parent| {
@@ -335,6 +347,26 @@ impl Host {
                 self.queue.add(key, crate::reconcile::FORCED_RESYNC);
             }
         }
+    }
+
+    /// Stops taking keys and waits (at most `timeout`) until the reconciles
+    /// in flight have finished; their writes may still go out. Returns how
+    /// many were still running when it gave up (0: drained).
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.config.leadership.stop();
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let running = self.queue.with(|q| q.in_flight());
+            if running == 0 || tokio::time::Instant::now() >= until {
+                return running;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The leadership this host follows.
+    pub fn leadership(&self) -> &Arc<Leadership> {
+        &self.config.leadership
     }
 
     /// Whether every active plugin's caches have listed once.
@@ -407,6 +439,7 @@ impl Host {
             tokio::spawn(crate::worker::serve(
                 self.queue.clone(),
                 self.metrics.clone(),
+                self.config.leadership.subscribe(),
                 self.config.max_concurrent_reconciles,
                 move |key, trigger| {
                     let plugins = plugins.clone();
@@ -449,10 +482,36 @@ impl Host {
                 }
             })
         };
+        // On taking the lead, every parent is looked at: the caches are
+        // warm (no relist), and what changed while another replica led (or
+        // none did) is found by the plugins.
+        let takeover = {
+            let host = self.clone();
+            let mut role = self.config.leadership.subscribe();
+            tokio::spawn(async move {
+                let mut leading = false;
+                loop {
+                    let now = *role.borrow_and_update();
+                    host.metrics.set_leader(now != Role::Standby);
+                    if now == Role::Leader && !leading {
+                        for p in host.plugins.all() {
+                            for key in p.parents_in(None) {
+                                host.queue.add(key, "leader elected");
+                            }
+                        }
+                    }
+                    leading = now != Role::Standby;
+                    if role.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
         self.health.watch("router", &router);
         self.health.watch("workers", &workers);
         self.health.watch("resync ticker", &ticker);
-        vec![router, workers, ticker]
+        self.health.watch("leadership", &takeover);
+        vec![router, workers, ticker, takeover]
     }
 }
 

@@ -11,7 +11,8 @@
 //! per-plugin writer, the only way to write). Plugins are loaded, run and
 //! swapped by [`plugin`]; what each may do is the [`tenant`] boundary;
 //! [`active`] binds a loaded plugin to its caches and writer. Around them:
-//! [`metrics`], [`endpoints`] and the [`cli`].
+//! [`metrics`], [`endpoints`], [`leader`] (who may take keys and write) and
+//! the [`cli`].
 
 pub mod active;
 pub mod apply;
@@ -20,10 +21,12 @@ pub mod cli;
 pub mod endpoints;
 pub mod gvk;
 pub mod host;
+pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod plugin;
 pub mod queue;
+pub mod rbac;
 pub mod reconcile;
 pub mod related;
 pub mod tenant;

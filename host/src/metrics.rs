@@ -42,6 +42,8 @@ pub struct Metrics {
     reconcile_panics: Family<Labels, Counter>,
     own_write_echoes: Family<Labels, Counter>,
     stage_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    leader: Gauge,
+    leader_transitions: Counter,
 }
 
 impl Default for Metrics {
@@ -77,6 +79,8 @@ impl Metrics {
             reconcile_panics: Family::default(),
             own_write_echoes: Family::default(),
             stage_seconds: Family::default(),
+            leader: Gauge::default(),
+            leader_transitions: Counter::default(),
         };
         registry.register(
             "kuwa_reconciles",
@@ -182,6 +186,16 @@ impl Metrics {
             "kuwa_reconcile_stage_seconds",
             "Time spent in each stage of reconciles (snapshot, instantiate, guest, validate, plan, preflight, apply), by plugin; divide by kuwa_reconciles_total for the cost of one",
             m.stage_seconds.clone(),
+        );
+        registry.register(
+            "kuwa_leader",
+            "1 while this host leads (takes keys and writes), 0 while it stands by; 1 without --leader-elect",
+            m.leader.clone(),
+        );
+        registry.register(
+            "kuwa_leader_transitions",
+            "Times this host started leading",
+            m.leader_transitions.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
@@ -357,6 +371,14 @@ impl Metrics {
         self.stage_seconds
             .get_or_create(&vec![("plugin", plugin.into()), ("stage", stage.into())])
             .inc_by(seconds);
+    }
+
+    /// Sets whether this host leads; counts the transitions to leading.
+    pub fn set_leader(&self, leading: bool) {
+        if leading && self.leader.get() == 0 {
+            self.leader_transitions.inc();
+        }
+        self.leader.set(i64::from(leading));
     }
 
     /// The metrics in Prometheus text format.

@@ -441,6 +441,11 @@ impl QueueCore {
         depth
     }
 
+    /// Keys being reconciled now, of every plugin.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
     /// Keys of `plugin` being reconciled now (they finish even after the
     /// plugin is removed).
     pub fn in_flight_of(&self, plugin: &str) -> usize {

@@ -96,6 +96,7 @@ impl Failure {
             Self::InvalidOutput(_) => "invalid_output",
             Self::Conflict(_) => "conflict",
             Self::NotSynced(_) => "not_synced",
+            Self::Write(WriteError::NotLeader) => "not_leader",
             Self::Write(_) => "api",
         }
     }

@@ -245,6 +245,91 @@ fn committed_crds_match_the_plugins() {
     }
 }
 
+/// The RBAC committed in `deploy/rbac.yaml` is exactly what the shipped
+/// plugins need (`kuwa rbac`), like the CRDs.
+#[test]
+fn committed_rbac_matches_the_plugins() {
+    let out = kuwa(&[
+        "rbac".as_ref(),
+        "--plugins".as_ref(),
+        plugins_dir().as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated: Vec<Value> =
+        serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let path = workspace().join("deploy/rbac.yaml");
+    let committed: Vec<Value> =
+        serde_saphyr::from_multiple(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(
+        committed,
+        generated,
+        "{} drifted from the plugins; regenerate with `kuwa rbac --plugins target/plugins > deploy/rbac.yaml`",
+        path.display()
+    );
+    let kinds: Vec<&str> = generated
+        .iter()
+        .filter_map(|o| o["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
+    );
+    let text = serde_json::to_string(&generated).unwrap();
+    assert!(!text.contains("secrets"), "no plugin reads Secrets: {text}");
+    assert!(!text.contains("\"*\""), "no wildcard: {text}");
+}
+
+#[test]
+fn rbac_refuses_a_bad_name_and_an_empty_directory() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = kuwa(&[
+        "rbac".as_ref(),
+        "--plugins".as_ref(),
+        empty.path().as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no plugins"),
+        "{out:?}"
+    );
+    let out = kuwa(&[
+        "rbac".as_ref(),
+        "--plugins".as_ref(),
+        plugins_dir().as_os_str(),
+        "--service-account".as_ref(),
+        "Not/A Name".as_ref(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--service-account"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn run_refuses_lease_durations_that_cannot_work() {
+    let plugins = tempfile::tempdir().unwrap();
+    let out = kuwa(&[
+        "run".as_ref(),
+        "--plugins".as_ref(),
+        plugins.path().as_os_str(),
+        "--leader-elect".as_ref(),
+        "--leader-renew-deadline".as_ref(),
+        "20s".as_ref(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--leader-renew-deadline")
+            && err.contains("shorter than --leader-lease-duration"),
+        "{err}"
+    );
+}
+
 #[test]
 fn run_explains_a_missing_plugins_directory() {
     let out = kuwa(&[

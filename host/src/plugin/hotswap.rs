@@ -628,18 +628,23 @@ async fn activator(
             break;
         };
         let name = plugin.info.name.clone();
-        if install_crds && plugin.info.crd.is_some() {
-            match host.install_crd(&plugin).await {
-                Ok(Some(crd)) => tracing::info!(plugin = %name, crd = %crd, "CRD installed"),
-                Ok(None) => {}
-                Err(CrdError::NotGranted) => {
-                    tracing::info!(plugin = %name, "the plugin's grant does not let the host install its CRD (installCrd); it must be installed already")
-                }
-                Err(e) => tracing::error!(plugin = %name, error = %e, "CRD not installed"),
-            }
-        }
+        // A standby installs nothing: the leader does. Until this host
+        // leads, activation waits for the kind to be served (or the lead).
+        let mut crd_pending = install_crds && plugin.info.crd.is_some();
         let mut delay = FIRST_ACTIVATE_RETRY;
         loop {
+            if crd_pending && host.leadership().may_write() {
+                crd_pending = false;
+                match host.install_crd(&plugin).await {
+                    Ok(Some(crd)) => tracing::info!(plugin = %name, crd = %crd, "CRD installed"),
+                    Ok(None) => {}
+                    Err(CrdError::NotGranted) => {
+                        tracing::info!(plugin = %name, "the plugin's grant does not let the host install its CRD (installCrd); it must be installed already")
+                    }
+                    Err(CrdError::NotLeader) => crd_pending = true,
+                    Err(e) => tracing::error!(plugin = %name, error = %e, "CRD not installed"),
+                }
+            }
             let result = host.activate(plugin.clone()).await;
             if let Some(done) = first_attempt.take() {
                 let _ = done.send(());
@@ -648,8 +653,19 @@ async fn activator(
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(plugin = %name, version = %plugin.info.version, error = %e, retry_in = ?delay, "plugin not active yet");
+                    // Waiting for the leader to install the CRD: taking the
+                    // lead ourselves is a reason to retry at once.
+                    let mut role = host.leadership().subscribe();
+                    let led = async move {
+                        if crd_pending {
+                            let _ = role.changed().await;
+                        } else {
+                            std::future::pending::<()>().await;
+                        }
+                    };
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
+                        () = led => {}
                         changed = wanted.changed() => match changed {
                             Ok(()) => continue 'versions,
                             Err(_) => break 'versions,
