@@ -96,6 +96,67 @@ impl KuwaHost {
         manifests: &[(&str, &str)],
         extra: &[&str],
     ) -> Result<Self> {
+        Self::launch(
+            &kuwa_bin(),
+            kubeconfig,
+            namespace,
+            plugins,
+            manifests,
+            extra,
+            true,
+        )
+        .await
+    }
+
+    /// Like [`KuwaHost::start_as`] without `--install-crds`: for an identity
+    /// that may not write CRDs (they must exist already).
+    pub async fn start_without_crds(
+        kubeconfig: &Path,
+        namespace: Option<&str>,
+        plugins: &[PathBuf],
+        extra: &[&str],
+    ) -> Result<Self> {
+        Self::launch(
+            &kuwa_bin(),
+            kubeconfig,
+            namespace,
+            plugins,
+            &[],
+            extra,
+            false,
+        )
+        .await
+    }
+
+    /// Starts another `kuwa` binary (the one of the image, say) with
+    /// `plugins`, watching `namespace`, without `--install-crds`.
+    pub async fn start_binary(
+        binary: &Path,
+        kubeconfig: &Path,
+        namespace: &str,
+        plugins: &[PathBuf],
+    ) -> Result<Self> {
+        Self::launch(
+            binary,
+            kubeconfig,
+            Some(namespace),
+            plugins,
+            &[],
+            &[],
+            false,
+        )
+        .await
+    }
+
+    async fn launch(
+        binary: &Path,
+        kubeconfig: &Path,
+        namespace: Option<&str>,
+        plugins: &[PathBuf],
+        manifests: &[(&str, &str)],
+        extra: &[&str],
+        install_crds: bool,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let plugins_dir = dir.path().join("plugins");
         std::fs::create_dir_all(&plugins_dir)?;
@@ -118,7 +179,7 @@ impl KuwaHost {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let log = dir.path().join("kuwa.log");
         let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(kuwa_bin())
+        let child = Command::new(binary)
             .arg("run")
             .arg("--plugins")
             .arg(&plugins_dir)
@@ -130,7 +191,8 @@ impl KuwaHost {
                     .into_iter()
                     .flatten(),
             )
-            .args(["--install-crds", "--metrics-addr", &addr.to_string()])
+            .args(install_crds.then_some("--install-crds"))
+            .args(["--metrics-addr", &addr.to_string()])
             .args(extra)
             .env(
                 "KUWA_LOG",
@@ -143,7 +205,7 @@ impl KuwaHost {
             .with_context(|| {
                 format!(
                     "starting {} (build it with `cargo build -p kuwa-host`)",
-                    kuwa_bin().display()
+                    binary.display()
                 )
             })?;
         let mut host = Self {
@@ -180,6 +242,31 @@ impl KuwaHost {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends `signal` to the process (by its PID).
+    pub fn signal(&self, signal: rustix::process::Signal) -> Result<()> {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id())?)
+            .context("the host has no PID")?;
+        rustix::process::kill_process(pid, signal).context("signalling the host")?;
+        Ok(())
+    }
+
+    /// Waits (at most `timeout`) for the process to exit; its exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() >= until {
+                bail!(
+                    "the host (pid {}) did not exit within {timeout:?}",
+                    self.child.id()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// `/metrics` as text.

@@ -1,9 +1,14 @@
 //! Reading objects in end-to-end assertions.
 
+use std::time::Duration;
+
 use anyhow::Result;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, ObjectMeta};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
-use serde_json::Value;
+use serde_json::{Value, json};
+
+use crate::{E2E_LABEL, wait_for};
 
 /// The status condition `type_` of a custom resource, if it has one.
 pub fn condition(object: &DynamicObject, type_: &str) -> Option<Value> {
@@ -117,4 +122,53 @@ pub fn reconciled_by(object: &serde_json::Value) -> Option<&str> {
         .find(|c| c["type"] == "Degraded" && c["status"] == "False")?["message"]
         .as_str()?
         .strip_prefix("reconciled by ")
+}
+
+/// A statically provisioned ReadWriteMany volume bound to claim `claim` in
+/// `ns` (the local cluster has no dynamic provisioner). Returns the PV name
+/// so the test can delete it (PVs are cluster-scoped).
+pub async fn bound_claim(client: &Client, ns: &str, claim: &str) -> Result<String> {
+    let pv_name = format!("{ns}-{claim}");
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": pv_name, "labels": {E2E_LABEL: "true"}},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": format!("/tmp/kuwa-e2e/{pv_name}")},
+            "claimRef": {"namespace": ns, "name": claim},
+        },
+    }))?;
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": pv_name,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }))?;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    pvs.create(&PostParams::default(), &pv).await?;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    pvcs.create(&PostParams::default(), &pvc).await?;
+    wait_for(
+        &format!("claim {ns}/{claim} to be Bound"),
+        Duration::from_secs(120),
+        || {
+            let pvcs = pvcs.clone();
+            async move {
+                let pvc = pvcs.get(claim).await?;
+                let phase = pvc.status.and_then(|s| s.phase);
+                Ok((phase.as_deref() == Some("Bound")).then_some(()))
+            }
+        },
+    )
+    .await?;
+    Ok(pv_name)
 }

@@ -7,15 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{
-    Container, EnvVar, PersistentVolume, PersistentVolumeClaim, Pod, Service,
-};
+use k8s_openapi::api::core::v1::{Container, EnvVar, PersistentVolume, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams};
 use kube::{Client, ResourceExt};
 use kuwa_e2e::host::{KuwaHost, apply_json, plugin, yaml_file};
-use kuwa_e2e::objects::{condition, controlled_by, instance_pods, owned_by};
-use kuwa_e2e::{E2E_LABEL, TestNamespace, client, wait_for};
+use kuwa_e2e::objects::{bound_claim, condition, controlled_by, instance_pods, owned_by};
+use kuwa_e2e::{TestNamespace, client, wait_for};
 use serde_json::{Value, json};
 
 const CONVERGE: Duration = Duration::from_secs(120);
@@ -87,51 +85,6 @@ async fn wait_phase(client: &Client, ns: &str, name: &str, phase: &str) -> Resul
 
 fn env<'a>(container: &'a Container, name: &str) -> Option<&'a EnvVar> {
     container.env.iter().flatten().find(|e| e.name == name)
-}
-
-/// A statically provisioned ReadWriteMany volume bound to claim `claim` in
-/// `ns` (the local cluster has no dynamic provisioner). Returns the PV name
-/// so the test can delete it (PVs are cluster-scoped).
-async fn bound_claim(client: &Client, ns: &str, claim: &str) -> Result<String> {
-    let pv_name = format!("{ns}-{claim}");
-    let pv: PersistentVolume = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": pv_name, "labels": {E2E_LABEL: "true"}},
-        "spec": {
-            "capacity": {"storage": "1Gi"},
-            "accessModes": ["ReadWriteMany"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": "",
-            "hostPath": {"path": format!("/tmp/kuwa-e2e/{pv_name}")},
-            "claimRef": {"namespace": ns, "name": claim},
-        },
-    }))?;
-    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": claim},
-        "spec": {
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": "",
-            "volumeName": pv_name,
-            "resources": {"requests": {"storage": "1Gi"}},
-        },
-    }))?;
-    let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    pvs.create(&PostParams::default(), &pv).await?;
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-    pvcs.create(&PostParams::default(), &pvc).await?;
-    wait_for(&format!("claim {ns}/{claim} to be Bound"), CONVERGE, || {
-        let pvcs = pvcs.clone();
-        async move {
-            let pvc = pvcs.get(claim).await?;
-            let phase = pvc.status.and_then(|s| s.phase);
-            Ok((phase.as_deref() == Some("Bound")).then_some(()))
-        }
-    })
-    .await?;
-    Ok(pv_name)
 }
 
 /// Done-when 4: the sample (2 workers × 2 GPUs) becomes a StatefulSet whose

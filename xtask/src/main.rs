@@ -6,10 +6,12 @@
 //! * `cargo xtask demo` runs the main job: plugins, cluster, CRDs, host.
 //! * `cargo xtask test` runs the whole test suite through cargo's test runner.
 //! * `cargo xtask bench` measures kuwa against its peers (docs/benchmarks.md).
+//! * `cargo xtask image` builds a static `kuwa` and an OCI image layout.
 
 mod bench;
 mod cluster;
 mod demo;
+mod image;
 mod plugins;
 mod testsuite;
 
@@ -39,6 +41,9 @@ enum Command {
     /// Measure kuwa against a native kube-rs and a Go controller-runtime peer
     /// (convergence, latency, CPU, memory, steady state, hot swap).
     Bench(bench::Args),
+    /// Build a static kuwa (musl) and an OCI image layout with it and the shipped
+    /// plugins, without Docker (target/image/kuwa).
+    Image(image::Args),
 }
 
 fn main() {
@@ -49,6 +54,7 @@ fn main() {
         Command::Demo(args) => demo::run(&args),
         Command::Test(args) => testsuite::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Image(args) => image::run(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -39,24 +39,25 @@ pub fn test_plugins_dir() -> PathBuf {
     target_dir().join("test-plugins")
 }
 
-fn ensure_target() -> Result<()> {
+/// Adds the Rust `target` with rustup unless it is installed.
+pub fn ensure_target(target: &str) -> Result<()> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
         .context("running rustup (is rustup installed?)")?;
     if String::from_utf8_lossy(&installed.stdout)
         .lines()
-        .any(|l| l.trim() == TARGET)
+        .any(|l| l.trim() == target)
     {
         return Ok(());
     }
-    eprintln!("adding the {TARGET} target with rustup...");
+    eprintln!("adding the {target} target with rustup...");
     let status = Command::new("rustup")
-        .args(["target", "add", TARGET])
+        .args(["target", "add", target])
         .status()
         .context("running rustup")?;
     if !status.success() {
-        bail!("`rustup target add {TARGET}` failed");
+        bail!("`rustup target add {target}` failed");
     }
     Ok(())
 }
@@ -143,7 +144,7 @@ fn build(crates: &[Crate], out_dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Builds the plugins; returns the component paths.
 pub fn run(args: &Args) -> Result<Vec<PathBuf>> {
-    ensure_target()?;
+    ensure_target(TARGET)?;
     let root = workspace_root();
     let mut built = build(&crates_in(&root.join("plugins"))?, &plugins_dir())?;
     if args.with_test_plugins {

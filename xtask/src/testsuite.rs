@@ -1,16 +1,16 @@
 //! `cargo xtask test`: the full test suite through cargo's test runner.
 //!
 //! Builds the plugins (and the misbehaving test plugins) for wasm, builds the
-//! `kuwa` binary, brings up the local control plane, runs `cargo test
-//! --workspace` with `KUWA_KUBECONFIG`, `KUWA_BIN` and the plugin directories
-//! in the environment, and stops the cluster again if it started it.
+//! `kuwa` binary and the image (`cargo xtask image`), brings up the local control plane, runs `cargo test
+//! --workspace` with `KUWA_KUBECONFIG`, `KUWA_BIN`, the plugin directories
+//! and the image layout (`KUWA_IMAGE_DIR`, `KUWA_IMAGE_TAG`) in the environment, and stops the cluster again if it started it.
 
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::Args as ClapArgs;
 
-use crate::{cluster, demo, plugins, workspace_root};
+use crate::{cluster, demo, image, plugins, workspace_root};
 
 /// Arguments of `cargo xtask test`.
 #[derive(ClapArgs)]
@@ -37,6 +37,13 @@ pub fn run(args: &Args) -> Result<()> {
     })?;
     eprintln!("==> building the host");
     let kuwa = demo::build_host()?;
+    eprintln!("==> building the image (static kuwa, OCI layout) and skopeo to inspect it");
+    let image = image::build(&image::Args {
+        out: None,
+        tag: None,
+        inspect: false,
+    })?;
+    image::inspect(&image)?;
     let was_running = cluster::is_running();
     eprintln!(
         "==> starting the local control plane (the first run builds it: ~7-9 min on 2 cores)"
@@ -59,6 +66,8 @@ pub fn run(args: &Args) -> Result<()> {
         .env("KUWA_BIN", &kuwa)
         .env("KUWA_PLUGINS_DIR", plugins::plugins_dir())
         .env("KUWA_TEST_PLUGINS_DIR", plugins::test_plugins_dir())
+        .env("KUWA_IMAGE_DIR", &image.dir)
+        .env("KUWA_IMAGE_TAG", &image.tag)
         .status()
         .context("running cargo test")?;
     if !was_running && !args.keep_cluster {
