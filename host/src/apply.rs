@@ -48,12 +48,25 @@ pub enum WriteError {
     NotLeader,
 }
 
+impl WriteError {
+    /// Whether the API server refused the write as not authorized (403):
+    /// the plugin's identity lacks the RBAC, its error, not the host's.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, Self::Api(kube::Error::Api(e)) if e.code == 403)
+    }
+}
+
 /// The API client and event recorder every plugin writer shares.
 pub struct ApiWriter {
     client: Client,
     metrics: Arc<Metrics>,
     recorder: Recorder,
     leadership: Arc<Leadership>,
+    /// The host's own client configuration, from which clients that
+    /// impersonate a plugin's ServiceAccount are made (None: no
+    /// impersonation possible, e.g. in unit tests).
+    base: Option<kube::Config>,
+    impersonating: std::sync::Mutex<HashMap<String, Client>>,
 }
 
 impl ApiWriter {
@@ -98,7 +111,39 @@ impl ApiWriter {
             client,
             metrics,
             leadership,
+            base: None,
+            impersonating: std::sync::Mutex::default(),
         }
+    }
+
+    /// Lets the writer make clients that impersonate ServiceAccounts, from
+    /// the host's own `config`.
+    #[must_use]
+    pub fn with_base_config(mut self, config: kube::Config) -> Self {
+        self.base = Some(config);
+        self
+    }
+
+    /// The client a plugin's writes use: the host's, or one carrying the
+    /// impersonation headers of `identity` (`system:serviceaccount:NS:NAME`).
+    pub fn client_for(&self, identity: Option<&str>) -> Result<Client, WriteError> {
+        let Some(user) = identity else {
+            return Ok(self.client.clone());
+        };
+        let mut clients = self.impersonating.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(user) {
+            return Ok(c.clone());
+        }
+        let mut config = self.base.clone().ok_or_else(|| {
+            WriteError::Denied(format!(
+                "the host cannot impersonate {user} (no client configuration)"
+            ))
+        })?;
+        config.auth_info.impersonate = Some(user.to_owned());
+        config.auth_info.impersonate_groups = None;
+        let client = Client::try_from(config).map_err(WriteError::Api)?;
+        clients.insert(user.to_owned(), client.clone());
+        Ok(client)
     }
 }
 
@@ -141,6 +186,8 @@ impl Target<'_> {
 /// Makes every API write of one plugin.
 pub struct PluginWriter {
     api: Arc<ApiWriter>,
+    /// The host's client, or one impersonating the plugin's identity.
+    client: Client,
     plugin: Arc<LoadedPlugin>,
     budget: Option<Arc<WriteBudget>>,
     parent: ApiResource,
@@ -205,11 +252,13 @@ impl Echoes {
 }
 
 impl PluginWriter {
-    /// The writer of `plugin` within `budget` (the plugin's, which outlives
-    /// one version), for its parent kind at `parent` and its child kinds at
-    /// `children`.
+    /// The writer of `plugin` with `client` (the host's, or one
+    /// impersonating the plugin: [`ApiWriter::client_for`]) within `budget`
+    /// (the plugin's, which outlives one version), for its parent kind at
+    /// `parent` and its child kinds at `children`.
     pub fn new(
         api: Arc<ApiWriter>,
+        client: Client,
         plugin: Arc<LoadedPlugin>,
         budget: Option<Arc<WriteBudget>>,
         parent: ApiResource,
@@ -217,6 +266,7 @@ impl PluginWriter {
     ) -> Self {
         Self {
             api,
+            client,
             plugin,
             budget,
             parent,
@@ -317,7 +367,7 @@ impl PluginWriter {
             namespace,
             name,
         };
-        Ok(t.api(&self.api.client).get_opt(name).await?)
+        Ok(t.api(&self.client).get_opt(name).await?)
     }
 
     /// Carries out `plan` for `parent`: finalizer changes first, then every
@@ -405,7 +455,7 @@ impl PluginWriter {
             namespace,
             name,
         };
-        t.api(&self.api.client)
+        t.api(&self.client)
             .patch(
                 name,
                 &self.params(FieldManager::Children),
@@ -446,7 +496,7 @@ impl PluginWriter {
             namespace,
             name,
         };
-        match t.api(&self.api.client).delete(name, &params).await {
+        match t.api(&self.client).delete(name, &params).await {
             Ok(_) => Ok(()),
             // Already gone, or replaced by a namesake we must not touch.
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
@@ -460,7 +510,7 @@ impl PluginWriter {
         let mut body = t.apply_body(json!({}));
         body["status"] = status.clone();
         let written = t
-            .api(&self.api.client)
+            .api(&self.client)
             .patch_status(
                 t.name,
                 &self.params(FieldManager::Status),
@@ -504,7 +554,7 @@ impl PluginWriter {
         };
         let body = t.apply_body(json!({"finalizers": finalizers}));
         match t
-            .api(&self.api.client)
+            .api(&self.client)
             .patch(
                 t.name,
                 &self.params(FieldManager::Finalizer),

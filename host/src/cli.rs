@@ -36,15 +36,18 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the host: load every plugin in a directory and reconcile their objects.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Work with one plugin file, without a cluster.
     #[command(subcommand)]
     Plugin(PluginCommand),
     /// Print the CustomResourceDefinitions the plugins in a directory carry, as YAML.
     Crds {
         /// Directory of plugin components (*.wasm).
-        #[arg(long, value_name = "DIR")]
-        plugins: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "host")]
+        plugins: Option<PathBuf>,
+        /// Print the host's own CRDs (ClusterPlugin, Plugin) instead.
+        #[arg(long, conflicts_with = "plugins")]
+        host: bool,
         /// Write one `<crd name>.yaml` per CRD into this directory instead of printing.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -77,6 +80,10 @@ struct RbacArgs {
     /// may create and patch their own CRD (by name).
     #[arg(long)]
     install_crds: bool,
+    /// The host runs with --plugin-resources: read ClusterPlugin and Plugin objects,
+    /// write their status, and impersonate the ServiceAccounts they name.
+    #[arg(long)]
+    plugin_resources: bool,
     /// The host runs without --leader-elect: no Lease rules.
     #[arg(long)]
     no_leader_election: bool,
@@ -94,6 +101,19 @@ enum PluginCommand {
     Check {
         /// The plugin component.
         file: PathBuf,
+    },
+    /// Publish a plugin component to an OCI registry as a wasm artifact (config
+    /// application/vnd.wasm.config.v0+json, one application/wasm layer); prints the
+    /// manifest digest.
+    Push {
+        /// The plugin component.
+        file: PathBuf,
+        /// Where: oci://REGISTRY/REPOSITORY:TAG (loopback registries over plain HTTP).
+        reference: String,
+        /// Publish without loading it first (to test how hosts refuse a file that is
+        /// not a working component).
+        #[arg(long)]
+        no_verify: bool,
     },
     /// Run a plugin's reconcile on fixture YAML and print the desired objects, the status
     /// and the writes the host would make (the host's own plan code, no cluster).
@@ -119,9 +139,21 @@ struct TestArgs {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Directory of plugin components (*.wasm).
-    #[arg(long, value_name = "DIR")]
-    plugins: PathBuf,
+    /// Directory of plugin components (*.wasm), watched for hot swaps.
+    #[arg(long, value_name = "DIR", required_unless_present = "plugin_resources")]
+    plugins: Option<PathBuf>,
+    /// Also serve ClusterPlugin and Plugin objects (kuwa.dev/v1alpha1): plugins
+    /// pulled from OCI registries, installed with kubectl apply.
+    #[arg(long)]
+    plugin_resources: bool,
+    /// Serve only the ClusterPlugin and Plugin objects matching this label selector
+    /// (several hosts in one cluster, each with its own set).
+    #[arg(long, value_name = "SELECTOR", requires = "plugin_resources")]
+    plugin_selector: Option<String>,
+    /// Where components pulled from registries are kept by digest (default:
+    /// ~/.cache/kuwa/oci).
+    #[arg(long, value_name = "DIR", env = "KUWA_OCI_STORE")]
+    oci_store: Option<PathBuf>,
     /// Kubeconfig to use; default: $KUBECONFIG, ~/.kube/config or in-cluster.
     #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
@@ -235,12 +267,22 @@ pub fn default_compile_cache() -> Option<PathBuf> {
 /// Parses the command line and runs it; errors print their whole chain.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The OCI client's TLS (rustls) uses the process-wide provider: ring,
+    // as kube's own client does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     init_tracing();
     let result = match cli.command {
-        Command::Run(args) => tokio_main(run(args)),
+        Command::Run(args) => tokio_main(run(*args)),
         Command::Plugin(PluginCommand::Check { file }) => tokio_main(check(&file)),
+        Command::Plugin(PluginCommand::Push {
+            file,
+            reference,
+            no_verify,
+        }) => tokio_main(push(&file, &reference, no_verify)),
         Command::Plugin(PluginCommand::Test(args)) => tokio_main(test(&args)),
-        Command::Crds { plugins, out } => tokio_main(crds(&plugins, out.as_deref())),
+        Command::Crds { plugins, host, out } => {
+            tokio_main(crds(plugins.as_deref(), host, out.as_deref()))
+        }
         Command::Rbac(args) => tokio_main(rbac(&args)),
     };
     match result {
@@ -272,7 +314,7 @@ fn tokio_main(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyho
         .block_on(f)
 }
 
-async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<(kube::Client, kube::Config)> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -285,13 +327,16 @@ async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
             .await
             .context("no kubeconfig found (pass --kubeconfig)")?,
     };
-    kube::Client::try_from(config).context("building the API client")
+    let client = kube::Client::try_from(config.clone()).context("building the API client")?;
+    Ok((client, config))
 }
 
 /// Checks the `run` arguments that clap cannot.
 fn check_run_args(args: &RunArgs) -> anyhow::Result<()> {
-    if !args.plugins.is_dir() {
-        bail!("--plugins {} is not a directory", args.plugins.display());
+    if let Some(dir) = &args.plugins
+        && !dir.is_dir()
+    {
+        bail!("--plugins {} is not a directory", dir.display());
     }
     let pool = crate::tenant::limits::MAX_CONCURRENT_RECONCILES;
     if args.max_concurrent_reconciles == 0 || args.max_concurrent_reconciles > pool {
@@ -353,7 +398,7 @@ fn check_run_args(args: &RunArgs) -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     check_run_args(&args)?;
-    let client = client(args.kubeconfig.as_deref()).await?;
+    let (client, kube_config) = client(args.kubeconfig.as_deref()).await?;
     let version = client
         .apiserver_version()
         .await
@@ -392,6 +437,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace: args.namespace.clone(),
         sync_timeout: args.cache_sync_timeout,
         leadership,
+        kube_config: Some(kube_config),
     };
     let (host, changes) = Host::new(client.clone(), config, metrics);
     let endpoint = crate::endpoints::serve(args.metrics_addr, host.clone())
@@ -410,14 +456,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         memory_bytes: args.memory_cap_mib << 20,
         ..Limits::default()
     };
-    let plugins = PluginDir::new(
-        host.clone(),
-        runtime,
-        &args.plugins,
-        limits,
-        args.install_crds,
-    )?;
-    tasks.push(plugins.serve().await?);
+    if args.plugin_resources {
+        let dir = args
+            .oci_store
+            .clone()
+            .or_else(|| default_compile_cache().map(|c| c.with_file_name("oci")))
+            .context("no directory for pulled components (pass --oci-store)")?;
+        let store = crate::plugin::oci::Store::new(&dir)?;
+        let objects = crate::plugin::objects::PluginObjects::new(
+            host.clone(),
+            client.clone(),
+            runtime.clone(),
+            store,
+            limits,
+            args.install_crds,
+        );
+        tasks.push(objects.spawn(args.namespace.as_deref(), args.plugin_selector.as_deref()));
+        tracing::info!(store = %dir.display(), "serving ClusterPlugin and Plugin objects");
+    }
+    if let Some(dir) = &args.plugins {
+        let plugins = PluginDir::new(host.clone(), runtime, dir, limits, args.install_crds)?;
+        tasks.push(plugins.serve().await?);
+    }
     host.mark_started();
     let election_task = election.as_ref().map(Elector::spawn);
 
@@ -668,32 +728,73 @@ fn crd_file_name(crd: &Value) -> Option<String> {
     is_dns_subdomain(name).then(|| format!("{name}.yaml"))
 }
 
-async fn crds(dir: &Path, out: Option<&Path>) -> anyhow::Result<()> {
+async fn push(file: &Path, reference: &str, no_verify: bool) -> anyhow::Result<()> {
+    let source = crate::plugin::oci::Source::parse(reference)?;
+    // Load it first: only a working component is published.
+    let what = if no_verify {
+        file.display().to_string()
+    } else {
+        let plugin = load_one(file).await?;
+        format!("{}@{}", plugin.info.name, plugin.info.version)
+    };
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let digest = crate::plugin::oci::push(&source, bytes).await?;
+    eprintln!("pushed {what} to {}", source.whole());
+    println!("{digest}");
+    Ok(())
+}
+
+async fn crds(dir: Option<&Path>, host: bool, out: Option<&Path>) -> anyhow::Result<()> {
     let runtime = Runtime::new(None)
         .map_err(|e| anyhow::anyhow!("{e:#}"))
         .context("starting the wasm runtime")?;
     let limits = Limits::default();
     let mut failed = 0;
     let mut first = true;
-    for result in load_dir(&runtime, dir, limits).await? {
-        match result {
-            Ok(plugin) => match &plugin.info.crd {
+    let results = match dir {
+        Some(dir) => load_dir(&runtime, dir, limits).await?,
+        None => Vec::new(),
+    };
+    let carried: Vec<(String, Option<Value>)> = if host {
+        crate::plugin::resource::crds()
+            .into_iter()
+            .map(|c| ("the host's own kinds".to_owned(), Some(c)))
+            .collect()
+    } else {
+        let mut v = Vec::new();
+        for result in results {
+            match result {
+                Ok(plugin) => v.push((
+                    format!("plugin {}", plugin.info.name),
+                    plugin.info.crd.clone(),
+                )),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    failed += 1;
+                }
+            }
+        }
+        v
+    };
+    for (name, crd) in carried {
+        {
+            match &crd {
                 Some(crd) => {
                     let yaml = to_yaml(crd)?;
                     match out {
                         Some(out) => {
                             let Some(file) = crd_file_name(crd) else {
                                 eprintln!(
-                                    "error: plugin {} carries a CRD named {:?}, which is not a DNS subdomain; not written",
-                                    plugin.info.name, crd["metadata"]["name"]
+                                    "error: {} carries a CRD named {:?}, which is not a DNS subdomain; not written",
+                                    name, crd["metadata"]["name"]
                                 );
                                 failed += 1;
                                 continue;
                             };
                             let path = out.join(file);
+                            let command = if host { "--host" } else { "--plugins DIR" };
                             let text = format!(
-                                "# Generated by `kuwa crds --plugins DIR --out deploy/crds` from plugin {}. Do not edit.\n{yaml}",
-                                plugin.info.name
+                                "# Generated by `kuwa crds {command} --out deploy/crds` from {name}. Do not edit.\n{yaml}"
                             );
                             std::fs::write(&path, text)
                                 .with_context(|| format!("writing {}", path.display()))?;
@@ -708,11 +809,7 @@ async fn crds(dir: &Path, out: Option<&Path>) -> anyhow::Result<()> {
                         }
                     }
                 }
-                None => eprintln!("note: plugin {} carries no CRD", plugin.info.name),
-            },
-            Err(e) => {
-                eprintln!("error: {e}");
-                failed += 1;
+                None => eprintln!("note: {name} carries no CRD"),
             }
         }
     }
@@ -772,6 +869,7 @@ async fn rbac(args: &RbacArgs) -> anyhow::Result<()> {
         service_account: args.service_account.clone(),
         service_account_namespace: args.service_account_namespace.clone(),
         watch_namespace: args.namespace.clone(),
+        plugin_resources: args.plugin_resources,
         lease: (!args.no_leader_election).then(|| {
             (
                 args.leader_election_namespace

@@ -49,6 +49,9 @@ pub struct HostConfig {
     /// Whether this host may take keys and write now (leader election;
     /// [`Leadership::always`] without it).
     pub leadership: Arc<Leadership>,
+    /// The host's client configuration, for clients that impersonate a
+    /// plugin's ServiceAccount (None: plugins cannot have an identity).
+    pub kube_config: Option<kube::Config>,
 }
 
 /// Why a plugin could not be activated.
@@ -57,6 +60,9 @@ pub enum ActivateError {
     /// A kind it uses is not served (yet).
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// The plugin's identity cannot be impersonated.
+    #[error("{0}")]
+    Identity(String),
     /// Another plugin already reconciles the same parent kind.
     #[error("plugin {other} already reconciles {gvk}")]
     ParentTaken {
@@ -133,11 +139,13 @@ impl Host {
                 tx,
                 metrics.clone(),
             ),
-            api: Arc::new(ApiWriter::new(
-                client,
-                metrics.clone(),
-                config.leadership.clone(),
-            )),
+            api: Arc::new({
+                let api = ApiWriter::new(client, metrics.clone(), config.leadership.clone());
+                match &config.kube_config {
+                    Some(c) => api.with_base_config(c.clone()),
+                    None => api,
+                }
+            }),
             budgets: Mutex::default(),
             queue,
             context: Arc::new(Context {
@@ -187,7 +195,11 @@ impl Host {
             .await
     }
 
-    async fn acquire(&self, loaded: Arc<LoadedPlugin>) -> Result<ActivePlugin, CacheError> {
+    async fn acquire(&self, loaded: Arc<LoadedPlugin>) -> Result<ActivePlugin, ActivateError> {
+        let client = self
+            .api
+            .client_for(loaded.identity.as_deref())
+            .map_err(|e| ActivateError::Identity(e.to_string()))?;
         let info = &loaded.info;
         let mut acquired: Vec<(Gvk, View)> = Vec::new();
         let result = async {
@@ -212,7 +224,7 @@ impl Host {
                 for (g, v) in &acquired {
                     self.caches.release(g, *v).await;
                 }
-                return Err(e);
+                return Err(e.into());
             }
         };
         let resources: HashMap<Gvk, ChildResource> = children
@@ -230,6 +242,7 @@ impl Host {
         Ok(ActivePlugin {
             writer: PluginWriter::new(
                 self.api.clone(),
+                client,
                 loaded.clone(),
                 self.budget(&loaded),
                 parent.resource.clone(),

@@ -44,6 +44,7 @@ pub struct Metrics {
     stage_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
     leader: Gauge,
     leader_transitions: Counter,
+    oci_pulls: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -81,6 +82,7 @@ impl Metrics {
             stage_seconds: Family::default(),
             leader: Gauge::default(),
             leader_transitions: Counter::default(),
+            oci_pulls: Family::default(),
         };
         registry.register(
             "kuwa_reconciles",
@@ -196,6 +198,11 @@ impl Metrics {
             "kuwa_leader_transitions",
             "Times this host started leading",
             m.leader_transitions.clone(),
+        );
+        registry.register(
+            "kuwa_plugin_pulls",
+            "Components pulled from an OCI registry (not found in the digest store), by plugin object",
+            m.oci_pulls.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
@@ -379,6 +386,13 @@ impl Metrics {
             self.leader_transitions.inc();
         }
         self.leader.set(i64::from(leading));
+    }
+
+    /// Counts a component pulled over the network for plugin object `object`.
+    pub fn oci_pull(&self, object: &str) {
+        self.oci_pulls
+            .get_or_create(&vec![("object", object.into())])
+            .inc();
     }
 
     /// The metrics in Prometheus text format.

@@ -134,6 +134,8 @@ pub struct Options {
     pub service_account_namespace: String,
     /// The one namespace the host watches (`kuwa run --namespace`), if any.
     pub watch_namespace: Option<String>,
+    /// Whether the host serves ClusterPlugin and Plugin objects.
+    pub plugin_resources: bool,
     /// The leader Lease (namespace, name), if leader election is on.
     pub lease: Option<(String, String)>,
 }
@@ -288,6 +290,29 @@ pub fn objects(plugins: &[PluginNeeds], opts: &Options) -> Vec<Value> {
             );
         }
     }
+    if opts.plugin_resources {
+        let scope = read_scope.first().cloned().unwrap_or(Scope::Cluster);
+        rules.add(&Scope::Cluster, "kuwa.dev", "clusterplugins", &[], &read);
+        rules.add(
+            &Scope::Cluster,
+            "kuwa.dev",
+            "clusterplugins/status",
+            &[],
+            &["get", "patch"],
+        );
+        rules.add(&scope, "kuwa.dev", "plugins", &[], &read);
+        rules.add(&scope, "kuwa.dev", "plugins/status", &[], &["get", "patch"]);
+        rules.add(&scope, "events.k8s.io", "events", &[], &["create", "patch"]);
+        // A plugin's writes carry the identity of the ServiceAccount its
+        // object names: the host must be allowed to impersonate it.
+        rules.add(
+            &Scope::Cluster,
+            "",
+            "serviceaccounts",
+            &[],
+            &["impersonate"],
+        );
+    }
     let mut out = Vec::new();
     let subject = json!([{
         "kind": "ServiceAccount",
@@ -384,6 +409,7 @@ mod tests {
             service_account: "kuwa".into(),
             service_account_namespace: "kuwa-system".into(),
             watch_namespace: None,
+            plugin_resources: false,
             lease: Some(("kuwa-system".into(), "kuwa".into())),
         }
     }

@@ -97,6 +97,7 @@ impl Failure {
             Self::Conflict(_) => "conflict",
             Self::NotSynced(_) => "not_synced",
             Self::Write(WriteError::NotLeader) => "not_leader",
+            Self::Write(w) if w.is_forbidden() => "forbidden",
             Self::Write(_) => "api",
         }
     }
@@ -120,6 +121,7 @@ impl Failure {
             Self::InvalidOutput(_) => Some("InvalidOutput"),
             Self::Conflict(_) => Some("ChildConflict"),
             Self::NotSynced(_) => Some("CacheNotSynced"),
+            Self::Write(w) if w.is_forbidden() => Some("Forbidden"),
             _ => None,
         }
     }
@@ -278,6 +280,10 @@ pub async fn run(
 /// change, with one Warning event) for the failures a user must act on or
 /// see, a Warning event for the others.
 async fn report(plugin: &ActivePlugin, parent: &DynamicObject, failure: &Failure) {
+    if matches!(failure, Failure::Write(WriteError::NotLeader)) {
+        // Standing by now: the leader reports.
+        return;
+    }
     let plan = match failure.degraded_reason() {
         Some(reason) => plan::degraded(parent, reason, &failure.message(), &now_rfc3339()),
         None => Plan {

@@ -253,6 +253,7 @@ fn committed_rbac_matches_the_plugins() {
         "rbac".as_ref(),
         "--plugins".as_ref(),
         plugins_dir().as_os_str(),
+        "--plugin-resources".as_ref(),
     ]);
     assert!(
         out.status.success(),
@@ -267,7 +268,7 @@ fn committed_rbac_matches_the_plugins() {
     assert_eq!(
         committed,
         generated,
-        "{} drifted from the plugins; regenerate with `kuwa rbac --plugins target/plugins > deploy/rbac.yaml`",
+        "{} drifted from the plugins; regenerate with `kuwa rbac --plugins target/plugins --plugin-resources > deploy/rbac.yaml`",
         path.display()
     );
     let kinds: Vec<&str> = generated
@@ -280,7 +281,42 @@ fn committed_rbac_matches_the_plugins() {
     );
     let text = serde_json::to_string(&generated).unwrap();
     assert!(!text.contains("secrets"), "no plugin reads Secrets: {text}");
+    assert!(
+        text.contains("impersonate"),
+        "plugin objects' identities: {text}"
+    );
     assert!(!text.contains("\"*\""), "no wildcard: {text}");
+}
+
+#[test]
+fn committed_host_crds_match_the_types() {
+    let out = kuwa(&["crds".as_ref(), "--host".as_ref()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated: Vec<Value> =
+        serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(generated.len(), 2, "ClusterPlugin and Plugin");
+    for crd in generated {
+        let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
+        let path = workspace().join("deploy/crds").join(format!("{name}.yaml"));
+        let committed: Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|_| {
+                panic!(
+                    "{} is missing; regenerate with `kuwa crds --host --out deploy/crds`",
+                    path.display()
+                )
+            }))
+            .unwrap();
+        assert_eq!(
+            committed,
+            crd,
+            "{} drifted from the types; regenerate with `kuwa crds --host --out deploy/crds`",
+            path.display()
+        );
+    }
 }
 
 #[test]

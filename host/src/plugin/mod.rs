@@ -1,10 +1,15 @@
 //! Plugins (DESIGN §3): what a plugin says about itself ([`info`]), the
 //! sandboxed runtime that calls it ([`runtime`]) with its on-disk
 //! [`compile_cache`], loading a plugin file with its manifest ([`loader`]),
-//! and the watched plugins directory that swaps versions live ([`hotswap`]).
+//! and the watched plugins directory that swaps versions live ([`hotswap`]);
+//! plugins as custom resources ([`resource`]) pulled from OCI registries
+//! ([`oci`]) and served by [`objects`].
 
 pub mod compile_cache;
 pub mod hotswap;
 pub mod info;
 pub mod loader;
+pub mod objects;
+pub mod oci;
+pub mod resource;
 pub mod runtime;

@@ -475,6 +475,7 @@ impl Runtime {
             load_time: Duration::ZERO,
             cache,
             grant: crate::tenant::grant::Grant::default(),
+            identity: None,
             log_dropped: Arc::default(),
             call_nanos: Default::default(),
             _compiled: hold,
@@ -509,6 +510,9 @@ pub struct LoadedPlugin {
     pub cache: CacheOutcome,
     /// What the plugin may do (from its manifest; set by the loader).
     pub grant: crate::tenant::grant::Grant,
+    /// The user its writes impersonate (`system:serviceaccount:NS:NAME`),
+    /// if any (set by the loader of plugin objects).
+    pub identity: Option<String>,
     log_dropped: Arc<AtomicU64>,
     /// Nanoseconds spent instantiating and in the guest, summed over calls
     /// since [`LoadedPlugin::take_call_nanos`] last asked.

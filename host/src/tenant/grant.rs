@@ -43,7 +43,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::gvk::Gvk;
 use crate::tenant::limits::{
@@ -70,8 +70,8 @@ pub const DEFAULT_QUARANTINE_AFTER: u32 = 10;
 /// probe). A success or a new version lifts the quarantine at once.
 pub const DEFAULT_QUARANTINE_INTERVAL: Duration = Duration::from_secs(300);
 
-/// The manifest file as written.
-#[derive(Debug, Default, Deserialize)]
+/// The manifest file as written (also the `grant` of a `ClusterPlugin`).
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Manifest {
     /// Namespaces the plugin may act in; absent means all.
@@ -103,7 +103,7 @@ pub struct Manifest {
 }
 
 /// The `limits` section of a manifest.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ManifestLimits {
     /// Wall-clock deadline per call, e.g. `500ms`.
