@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod host;
 pub mod objects;
+pub mod registry;
 
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};

@@ -172,3 +172,36 @@ pub async fn bound_claim(client: &Client, ns: &str, claim: &str) -> Result<Strin
     .await?;
     Ok(pv_name)
 }
+
+/// Applies a CRD (server-side apply, field manager `e2e`) and waits until
+/// it is Established.
+pub async fn apply_crd(client: &Client, crd: &Value) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    let crd: CustomResourceDefinition = serde_json::from_value(crd.clone())?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    wait_for(
+        &format!("CRD {name} Established"),
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let crd = api.get(&name).await?;
+                let established = crd.status.and_then(|s| s.conditions).is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+                Ok(established.then_some(()))
+            }
+        },
+    )
+    .await
+}

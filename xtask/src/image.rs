@@ -367,29 +367,31 @@ fn labels(version: &str) -> Value {
     })
 }
 
-/// Installs skopeo with apt-get if it is not on PATH (Debian's package).
-fn ensure_skopeo() -> Result<()> {
-    let present = Command::new("skopeo")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+/// Installs Debian's `package` with apt-get unless `binary` runs (`binary
+/// --version`, or the file exists when `probe` is false).
+pub fn ensure_debian_package(binary: &str, package: &str, why: &str) -> Result<()> {
+    let present = Path::new(binary).is_file()
+        || Command::new(binary)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
     if present {
         return Ok(());
     }
-    eprintln!("==> installing skopeo (Debian package) with apt-get");
+    eprintln!("==> installing {package} (Debian package) with apt-get: {why}");
     for args in [
         &["update"][..],
-        &["install", "-y", "--no-install-recommends", "skopeo"],
+        &["install", "-y", "--no-install-recommends", package],
     ] {
         let status = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(std::process::Stdio::null())
             .status()
-            .context("running apt-get (skopeo is needed to inspect the image)")?;
+            .with_context(|| format!("running apt-get ({why})"))?;
         if !status.success() {
             bail!(
-                "`apt-get {}` failed; install skopeo by hand",
+                "`apt-get {}` failed; install {package} by hand",
                 args.join(" ")
             );
         }
@@ -399,7 +401,7 @@ fn ensure_skopeo() -> Result<()> {
 
 /// `skopeo inspect` of the layout: the image as a registry client sees it.
 pub fn inspect(image: &Image) -> Result<String> {
-    ensure_skopeo()?;
+    ensure_debian_package("skopeo", "skopeo", "skopeo inspects the image")?;
     let reference = format!("oci:{}:{}", image.dir.display(), image.tag);
     let out = Command::new("skopeo")
         .args(["inspect", &reference])

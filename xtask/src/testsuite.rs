@@ -44,6 +44,11 @@ pub fn run(args: &Args) -> Result<()> {
         inspect: false,
     })?;
     image::inspect(&image)?;
+    image::ensure_debian_package(
+        "/usr/bin/docker-registry",
+        "docker-registry",
+        "the plugin-object tests pull from a registry on loopback",
+    )?;
     let was_running = cluster::is_running();
     eprintln!(
         "==> starting the local control plane (the first run builds it: ~7-9 min on 2 cores)"
