@@ -250,6 +250,7 @@ impl PluginObjects {
     async fn serve(self: Arc<Self>, key: ObjectKey, mut wanted: watch::Receiver<Option<Wanted>>) {
         let mut serving: Option<(Arc<LoadedPlugin>, String)> = None;
         let mut status: PluginStatus;
+        let mut written: bool;
         'wanted: loop {
             let Some(w) = wanted.borrow_and_update().clone() else {
                 break;
@@ -267,7 +268,7 @@ impl PluginObjects {
                         tracing::info!(object = %key, plugin = %name, version = %plugin.info.version, %digest, "plugin object serving");
                         serving = Some((plugin, digest));
                         status = self.status_ok(&key, &w, serving.as_ref());
-                        self.write_status(&key, &w, &status).await;
+                        written = self.write_status(&key, &w, &status).await;
                         break;
                     }
                     Err(Refusal::Retry(why)) => {
@@ -296,14 +297,15 @@ impl PluginObjects {
                 }
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
-            // Serving: refresh the parents count until the spec changes.
+            // Serving: refresh the parents count until the spec changes, and
+            // write a status a standby could not (it may lead by now).
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(STATUS_REFRESH) => {
                         let parents = self.parents(serving.as_ref());
-                        if parents != status.parents {
+                        if parents != status.parents || !written {
                             status.parents = parents;
-                            self.write_status(&key, &w, &status).await;
+                            written = self.write_status(&key, &w, &status).await;
                         }
                     }
                     changed = wanted.changed() => match changed {
@@ -496,9 +498,10 @@ impl PluginObjects {
         }
     }
 
-    async fn write_status(&self, key: &ObjectKey, w: &Wanted, status: &PluginStatus) {
+    /// Writes `status` if this host leads; whether it was written.
+    async fn write_status(&self, key: &ObjectKey, w: &Wanted, status: &PluginStatus) -> bool {
         if !self.host.leadership().may_write() {
-            return;
+            return false;
         }
         let mut status = status.clone();
         // Keep a condition's transition time while its status holds.
@@ -528,8 +531,12 @@ impl PluginObjects {
                 .await
                 .map(|_| ()),
         };
-        if let Err(e) = result {
-            tracing::warn!(object = %key, error = %e, "could not write the plugin object's status");
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(object = %key, error = %e, "could not write the plugin object's status");
+                false
+            }
         }
     }
 
