@@ -214,54 +214,61 @@ fn plugin_check_rejects_what_is_not_a_plugin() {
     }
 }
 
-#[test]
-fn committed_crds_match_the_plugins() {
-    let out = kuwa(&[
-        "crds".as_ref(),
-        "--plugins".as_ref(),
-        plugins_dir().as_os_str(),
-    ]);
+/// The YAML documents a successful `kuwa` printed.
+fn ok_documents(out: &Output) -> Vec<Value> {
     assert!(
         out.status.success(),
-        "{}",
+        "kuwa failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let generated: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
-    assert_eq!(generated.len(), 3, "one CRD per shipped plugin");
+    serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).expect("kuwa prints YAML")
+}
+
+/// Each generated CRD equals its committed copy in `deploy/crds/`.
+fn assert_committed_crds(generated: Vec<Value>, regenerate: &str) {
     for crd in generated {
         let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
         let path = workspace().join("deploy/crds").join(format!("{name}.yaml"));
-        let committed: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|_| {
-            panic!("{} is missing; regenerate with `kuwa crds --plugins target/plugins --out deploy/crds`", path.display())
-        }))
-        .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+            panic!(
+                "{} is missing; regenerate with `{regenerate}`",
+                path.display()
+            )
+        });
+        let committed: Value = serde_saphyr::from_str(&text).unwrap();
         assert_eq!(
             committed,
             crd,
-            "{} drifted from the plugin; regenerate with `kuwa crds --plugins target/plugins --out deploy/crds`",
+            "{} drifted; regenerate with `{regenerate}`",
             path.display()
         );
     }
+}
+
+#[test]
+fn committed_crds_match_the_plugins() {
+    let generated = ok_documents(&kuwa(&[
+        "crds".as_ref(),
+        "--plugins".as_ref(),
+        plugins_dir().as_os_str(),
+    ]));
+    assert_eq!(generated.len(), 3, "one CRD per shipped plugin");
+    assert_committed_crds(
+        generated,
+        "kuwa crds --plugins target/plugins --out deploy/crds",
+    );
 }
 
 /// The RBAC committed in `deploy/rbac.yaml` is exactly what the shipped
 /// plugins need (`kuwa rbac`), like the CRDs.
 #[test]
 fn committed_rbac_matches_the_plugins() {
-    let out = kuwa(&[
+    let generated = ok_documents(&kuwa(&[
         "rbac".as_ref(),
         "--plugins".as_ref(),
         plugins_dir().as_os_str(),
         "--plugin-resources".as_ref(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let generated: Vec<Value> =
-        serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    ]));
     let path = workspace().join("deploy/rbac.yaml");
     let committed: Vec<Value> =
         serde_saphyr::from_multiple(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -290,33 +297,9 @@ fn committed_rbac_matches_the_plugins() {
 
 #[test]
 fn committed_host_crds_match_the_types() {
-    let out = kuwa(&["crds".as_ref(), "--host".as_ref()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let generated: Vec<Value> =
-        serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let generated = ok_documents(&kuwa(&["crds".as_ref(), "--host".as_ref()]));
     assert_eq!(generated.len(), 2, "ClusterPlugin and Plugin");
-    for crd in generated {
-        let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
-        let path = workspace().join("deploy/crds").join(format!("{name}.yaml"));
-        let committed: Value =
-            serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|_| {
-                panic!(
-                    "{} is missing; regenerate with `kuwa crds --host --out deploy/crds`",
-                    path.display()
-                )
-            }))
-            .unwrap();
-        assert_eq!(
-            committed,
-            crd,
-            "{} drifted from the types; regenerate with `kuwa crds --host --out deploy/crds`",
-            path.display()
-        );
-    }
+    assert_committed_crds(generated, "kuwa crds --host --out deploy/crds");
 }
 
 #[test]

@@ -411,39 +411,8 @@ async fn hot_swap(
 /// Applies the WebServer CRD (the peers do not install it) and waits until
 /// it is Established.
 async fn install_crd(client: &Client) -> Result<()> {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::api::{Patch, PatchParams};
-    let path = crate::workspace_root().join("deploy/crds/webservers.kuwa.dev.yaml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let crd: CustomResourceDefinition =
-        serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = crd.metadata.name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply("kuwa-bench").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .with_context(|| format!("applying CRD {name}"))?;
-    crate::wait_for(
-        &format!("CRD {name} Established"),
-        Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            let name = name.clone();
-            async move {
-                let crd = api.get(&name).await?;
-                let established = crd.status.and_then(|s| s.conditions).is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                });
-                Ok(established.then_some(()))
-            }
-        },
-    )
-    .await
+    let crd = crate::host::yaml_file("deploy/crds/webservers.kuwa.dev.yaml")?;
+    crate::objects::apply_crd(client, &crd).await
 }
 
 /// Fails early when the nodes cannot hold a Pod per parent.
