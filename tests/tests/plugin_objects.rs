@@ -152,6 +152,10 @@ fn dirs() -> Result<Dirs> {
 const HOST_LABEL: &str = "test.kuwa.dev/host";
 
 async fn host(dirs: &Dirs, id: &str) -> Result<KuwaHost> {
+    host_with(dirs, id, &[]).await
+}
+
+async fn host_with(dirs: &Dirs, id: &str, extra: &[&str]) -> Result<KuwaHost> {
     let selector = format!("{HOST_LABEL}={id}");
     let kubeconfig = tokio::task::spawn_blocking(kubeconfig_path).await??;
     let store = dirs.store.to_str().context("path")?;
@@ -162,14 +166,18 @@ async fn host(dirs: &Dirs, id: &str) -> Result<KuwaHost> {
         &[],
         &[],
         &[
-            "--plugin-resources",
-            "--plugin-selector",
-            &selector,
-            "--oci-store",
-            store,
-            "--compile-cache",
-            compiled,
-        ],
+            &[
+                "--plugin-resources",
+                "--plugin-selector",
+                &selector,
+                "--oci-store",
+                store,
+                "--compile-cache",
+                compiled,
+            ][..],
+            extra,
+        ]
+        .concat(),
     )
     .await
 }
@@ -637,5 +645,103 @@ async fn a_team_plugin_acts_in_its_namespace_under_its_own_rbac() -> Result<()> 
     let _ = cps.delete(&platform, &DeleteParams::default()).await;
     team_a.cleanup().await;
     team_b.cleanup().await;
+    Ok(())
+}
+
+/// A source changed while no replica leads: the standby loads it at once
+/// (warm) but may not write; once it leads, the object's status says what
+/// it serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_leader_reports_what_it_loaded_while_standing_by() -> Result<()> {
+    let client = client().await?;
+    install_host_crds(&client).await?;
+    let registry = Registry::start().await?;
+    let ns = TestNamespace::new(&client, "oci-ha").await?;
+    let n = ns.name.as_str();
+    let v1 = push(
+        &plugin("webserver")?,
+        &registry.reference("ha/webserver:v1"),
+        &[],
+    )?;
+    let v2 = push(
+        &test_plugin("webserver-v2")?,
+        &registry.reference("ha/webserver:v2"),
+        &[],
+    )?;
+    let election = |id: &'static str| {
+        [
+            "--leader-elect",
+            "--leader-election-namespace",
+            n,
+            "--leader-election-id",
+            "kuwa-oci-ha",
+            "--leader-identity",
+            id,
+            "--leader-lease-duration",
+            "4s",
+            "--leader-renew-deadline",
+            "3s",
+            "--leader-retry-period",
+            "1s",
+        ]
+        .map(str::to_owned)
+    };
+    let (dirs_a, dirs_b) = (dirs()?, dirs()?);
+    let args_a = election("a");
+    let args_b = election("b");
+    let mut a = host_with(
+        &dirs_a,
+        n,
+        &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await?;
+    wait_for("host a leads", CONVERGE, || async {
+        Ok((metric_sample(&a.metrics().await?, "kuwa_leader", &[]) == Some(1.0)).then_some(()))
+    })
+    .await?;
+    let b = host_with(
+        &dirs_b,
+        n,
+        &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await?;
+    let cps = cluster_plugins(&client);
+    let name = format!("{n}-webserver");
+    let cp = json!({
+        "apiVersion": "kuwa.dev/v1alpha1", "kind": "ClusterPlugin",
+        "metadata": {"name": name, "labels": {HOST_LABEL: n}},
+        "spec": {"source": registry.reference("ha/webserver:v1"), "grant": grant_of("webserver", n)?},
+    });
+    cps.create(&PostParams::default(), &serde_json::from_value(cp)?)
+        .await?;
+    wait_object(&cps, &name, "Ready on v1", |o| {
+        current(o) && o.data["status"]["digest"] == v1.as_str()
+    })
+    .await?;
+    ensure!(
+        metric_sample(&b.metrics().await?, "kuwa_leader", &[]) == Some(0.0),
+        "b stands by"
+    );
+
+    // The leader dies; the source changes before anyone leads again.
+    a.signal(rustix::process::Signal::KILL)?;
+    a.wait_exit(Duration::from_secs(5)).await?;
+    set_source(&cps, &name, &registry.reference("ha/webserver:v2")).await?;
+    let o = wait_object(&cps, &name, "the new leader reporting v2", |o| {
+        current(o) && o.data["status"]["digest"] == v2.as_str()
+    })
+    .await
+    .with_context(|| format!("kuwa log (b):\n{}", b.log_tail(30)))?;
+    ensure!(
+        metric_sample(&b.metrics().await?, "kuwa_leader", &[]) == Some(1.0),
+        "b leads"
+    );
+    println!(
+        "after the leader's kill -9 the standby reported {}",
+        o.data["status"]["version"]
+    );
+    drop(b);
+    let _ = cps.delete(&name, &DeleteParams::default()).await;
+    ns.cleanup().await;
     Ok(())
 }
