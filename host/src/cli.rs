@@ -236,13 +236,14 @@ struct LeaderArgs {
 }
 
 impl LeaderArgs {
-    fn config(&self, client: &kube::Client) -> LeaseConfig {
+    /// The Lease settings; `default_namespace` when no namespace is given.
+    fn config(&self, default_namespace: &str) -> LeaseConfig {
         LeaseConfig {
             name: self.leader_election_id.clone(),
             namespace: self
                 .leader_election_namespace
                 .clone()
-                .unwrap_or_else(|| client.default_namespace().to_owned()),
+                .unwrap_or_else(|| default_namespace.to_owned()),
             identity: self
                 .leader_identity
                 .clone()
@@ -374,18 +375,7 @@ fn check_run_args(args: &RunArgs) -> anyhow::Result<()> {
     if args.leader.leader_elect {
         // The durations and names, before connecting (the namespace default
         // comes from the client).
-        let config = LeaseConfig {
-            name: args.leader.leader_election_id.clone(),
-            namespace: "default".into(),
-            identity: args
-                .leader
-                .leader_identity
-                .clone()
-                .unwrap_or_else(|| "check".into()),
-            lease_duration: args.leader.leader_lease_duration,
-            renew_deadline: args.leader.leader_renew_deadline,
-            retry_period: args.leader.leader_retry_period,
-        };
+        let config = args.leader.config("default");
         config.check()?;
         if let Some(ns) = &args.leader.leader_election_namespace
             && !is_dns_subdomain(ns)
@@ -414,7 +404,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("starting the wasm runtime")?;
     let metrics = Arc::new(Metrics::new());
     let election = if args.leader.leader_elect {
-        let config = args.leader.config(&client);
+        let config = args.leader.config(client.default_namespace());
         config.check()?;
         tracing::info!(lease = %format!("{}/{}", config.namespace, config.name), identity = %config.identity, "leader election on: standing by until the lease is held");
         let leadership = Leadership::standby();

@@ -314,15 +314,11 @@ impl Elector {
                     tracing::warn!(lease = %self.lease_name(), "leader election: no answer from the API server within the renew deadline");
                 }
                 // The renew deadline passed while the request was pending:
-                // stepped down just below.
+                // stepped down at the top of the loop.
                 None => {}
             }
-            if let Some(until) = valid_until
-                && Instant::now() >= until
-            {
-                valid_until = None;
-                self.step_down("the lease was not renewed within the renew deadline");
-            }
+            // A renew deadline passed meanwhile is acted on at the top of
+            // the loop, at once: the sleep below ends by then.
             let next = started + self.config.retry_period;
             match valid_until {
                 Some(until) => tokio::time::sleep_until(next.min(until)).await,

@@ -342,21 +342,18 @@ pub fn objects(plugins: &[PluginNeeds], opts: &Options) -> Vec<Value> {
         }
     }
     if let Some((ns, lease)) = &opts.lease {
-        let leases = Rules({
-            let mut r = Rules::default();
-            let scope = Scope::Namespace(ns.clone());
-            r.add(&scope, "coordination.k8s.io", "leases", &[], &["create"]);
-            r.add(
-                &scope,
-                "coordination.k8s.io",
-                "leases",
-                std::slice::from_ref(lease),
-                &["get", "list", "watch", "update"],
-            );
-            r.0
-        });
+        let scope = Scope::Namespace(ns.clone());
+        let mut leases = Rules::default();
+        leases.add(&scope, "coordination.k8s.io", "leases", &[], &["create"]);
+        leases.add(
+            &scope,
+            "coordination.k8s.io",
+            "leases",
+            std::slice::from_ref(lease),
+            &["get", "list", "watch", "update"],
+        );
         let name = format!("{}-leader-election", opts.name);
-        let body = leases.of(&Scope::Namespace(ns.clone()));
+        let body = leases.of(&scope);
         out.extend(role(&name, ns, body, &labels, &subject));
     }
     out

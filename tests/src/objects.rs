@@ -83,6 +83,19 @@ pub fn webserver(name: &str, content: &str, replicas: i64) -> Value {
     })
 }
 
+/// Sets WebServer `name`'s `spec.content` (a merge patch).
+pub async fn set_content(client: &Client, ns: &str, name: &str, content: &str) -> Result<()> {
+    use kube::api::{Patch, PatchParams};
+    webservers(client, ns)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"content": content}})),
+        )
+        .await?;
+    Ok(())
+}
+
 /// What the ConfigMap `name` (a WebServer's `<name>-content`) serves as
 /// `index.html`, if it exists.
 pub async fn config_content(client: &Client, ns: &str, name: &str) -> Result<Option<String>> {

@@ -25,7 +25,7 @@ use kube::api::{
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use kuwa_e2e::host::{KuwaHost, apply_json, plugin, yaml_file};
-use kuwa_e2e::objects::{bound_claim, condition, wait_content, webserver, webservers};
+use kuwa_e2e::objects::{bound_claim, condition, set_content, wait_content, webserver, webservers};
 use kuwa_e2e::{TestNamespace, client, kubeconfig_path, wait_for, workspace_root, xtask};
 use serde_json::json;
 
@@ -365,17 +365,6 @@ async fn writes(host: &KuwaHost) -> Result<f64> {
         "kuwa_api_writes_total",
         &[],
     ))
-}
-
-async fn set_content(client: &Client, ns: &str, name: &str, content: &str) -> Result<()> {
-    webservers(client, ns)
-        .patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"content": content}})),
-        )
-        .await?;
-    Ok(())
 }
 
 /// Done-when 2: only the leader writes; `kill -9` of the leader → the

@@ -21,7 +21,7 @@ use kube::api::{
 };
 use kube::{Client, ResourceExt};
 use kuwa_e2e::host::{KuwaHost, apply_json, http, metric_sample, plugin, test_plugin};
-use kuwa_e2e::objects::{condition, owned_by, wait_content, webserver, webservers};
+use kuwa_e2e::objects::{condition, owned_by, set_content, wait_content, webserver};
 use kuwa_e2e::{TestNamespace, client, kubeconfig_path, wait_for, workspace_root};
 use serde_json::{Value, json};
 
@@ -63,13 +63,7 @@ fn test_api(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
 /// it; returns how long that took.
 async fn change_content(client: &Client, ns: &str, name: &str, content: &str) -> Result<Duration> {
     let started = Instant::now();
-    webservers(client, ns)
-        .patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"content": content}})),
-        )
-        .await?;
+    set_content(client, ns, name, content).await?;
     wait_content(client, ns, &format!("{name}-content"), content, CONVERGE).await?;
     Ok(started.elapsed())
 }

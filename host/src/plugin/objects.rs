@@ -267,7 +267,7 @@ impl PluginObjects {
                         }
                         tracing::info!(object = %key, plugin = %name, version = %plugin.info.version, %digest, "plugin object serving");
                         serving = Some((plugin, digest));
-                        status = self.status_ok(&key, &w, serving.as_ref());
+                        status = self.status_ok(&w, serving.as_ref());
                         written = self.write_status(&key, &w, &status).await;
                         break;
                     }
@@ -427,12 +427,7 @@ impl PluginObjects {
         Some(i64::try_from(served).unwrap_or(i64::MAX))
     }
 
-    fn status_ok(
-        &self,
-        _key: &ObjectKey,
-        w: &Wanted,
-        serving: Option<&(Arc<LoadedPlugin>, String)>,
-    ) -> PluginStatus {
+    fn status_ok(&self, w: &Wanted, serving: Option<&(Arc<LoadedPlugin>, String)>) -> PluginStatus {
         let (plugin, digest) = serving.expect("serving");
         PluginStatus {
             conditions: vec![
