@@ -198,8 +198,17 @@ pub struct PluginWriter {
 /// The resourceVersions the host's own writes gave each parent, so the
 /// watch event each write causes (its echo) does not queue the parent again:
 /// the reconcile that wrote it already knows the outcome.
+///
+/// A write's echo can arrive before the write's answer (and so before its
+/// resourceVersion is known here): while a parent's reconcile runs, changes
+/// of it that are not known echoes are held, and at the end of the
+/// reconcile each held one is either recognised as an echo or queues the
+/// parent again.
 #[derive(Default)]
-struct Echoes(std::sync::Mutex<HashMap<ObjKey, Vec<String>>>);
+struct Echoes {
+    written: std::sync::Mutex<HashMap<ObjKey, Vec<String>>>,
+    held: std::sync::Mutex<HashMap<ObjKey, Vec<String>>>,
+}
 
 /// At most this many writes of one parent are remembered (a reconcile makes
 /// at most two: the finalizer and the status).
@@ -207,7 +216,27 @@ const ECHOES_PER_PARENT: usize = 4;
 
 impl Echoes {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjKey, Vec<String>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.written.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<ObjKey, Vec<String>>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_rv(&self, key: &ObjKey, rv: &str) -> bool {
+        let mut echoes = self.lock();
+        let Some(seen) = echoes.get_mut(key) else {
+            return false;
+        };
+        let Some(i) = seen.iter().position(|s| s == rv) else {
+            return false;
+        };
+        // Versions before this one can no longer arrive.
+        seen.drain(..=i);
+        if seen.is_empty() {
+            echoes.remove(key);
+        }
+        true
     }
 
     fn record(&self, object: &DynamicObject) {
@@ -227,27 +256,17 @@ impl Echoes {
         let Some(rv) = object.resource_version.as_deref() else {
             return false;
         };
-        let mut echoes = self.lock();
         let key = ObjKey {
             namespace: object.namespace.clone(),
             name: object.name.clone().unwrap_or_default(),
         };
-        let Some(seen) = echoes.get_mut(&key) else {
-            return false;
-        };
-        let Some(i) = seen.iter().position(|s| s == rv) else {
-            return false;
-        };
-        // Versions before this one can no longer arrive.
-        seen.drain(..=i);
-        if seen.is_empty() {
-            echoes.remove(&key);
-        }
-        true
+        self.take_rv(&key, rv)
     }
 
     fn forget<K: Resource>(&self, object: &K) {
-        self.lock().remove(&ObjKey::of(object));
+        let key = ObjKey::of(object);
+        self.lock().remove(&key);
+        self.held().remove(&key);
     }
 }
 
@@ -281,6 +300,46 @@ impl PluginWriter {
     /// the parent need not be queued again. Each echo is recognised once.
     pub fn is_own_echo<K: Resource>(&self, parent: &K) -> bool {
         self.echoes.take(parent)
+    }
+
+    /// Starts holding the changes of parent `key` that are not known echoes
+    /// (its reconcile is starting). Call under the work queue's lock.
+    pub fn begin_hold(&self, key: ObjKey) {
+        self.echoes.held().insert(key, Vec::new());
+    }
+
+    /// Holds this change of a parent whose reconcile is running; false when
+    /// none is (the caller queues the parent). Call under the work queue's
+    /// lock.
+    pub fn hold<K: Resource>(&self, parent: &K) -> bool {
+        let mut held = self.echoes.held();
+        match held.get_mut(&ObjKey::of(parent)) {
+            Some(versions) => {
+                if let Some(rv) = &parent.meta().resource_version {
+                    versions.push(rv.clone());
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends the hold of `key` (its reconcile is over, every write answered):
+    /// returns how many held changes were echoes of the host's writes and
+    /// whether one was not (the parent must be reconciled again). Call under
+    /// the work queue's lock.
+    pub fn end_hold(&self, key: &ObjKey) -> (usize, bool) {
+        let held = self.echoes.held().remove(key).unwrap_or_default();
+        let mut echoes = 0;
+        let mut other = false;
+        for rv in held {
+            if self.echoes.take_rv(key, &rv) {
+                echoes += 1;
+            } else {
+                other = true;
+            }
+        }
+        (echoes, other)
     }
 
     /// Forgets the writes remembered for a parent that is gone.

@@ -20,7 +20,7 @@ use crate::leader::{Leadership, Role};
 use crate::metrics::Metrics;
 use crate::plan;
 use crate::plugin::runtime::LoadedPlugin;
-use crate::queue::WorkQueue;
+use crate::queue::{QueueKey, WorkQueue};
 use crate::reconcile::{self, Context};
 use crate::tenant::budget::WriteBudget;
 use crate::tenant::quarantine::Quarantine;
@@ -402,10 +402,15 @@ impl Host {
                 } else if p.writer.is_own_echo(&*change.object) {
                     self.metrics.echo_skipped(&info.name);
                 } else {
-                    self.queue.add(
-                        p.key(change.object.namespace(), change.object.name_any()),
-                        "parent changed",
-                    );
+                    // While the parent's reconcile runs, the change may be
+                    // the echo of a write whose answer is still on its way:
+                    // held, and judged when the reconcile ends.
+                    let key = p.key(change.object.namespace(), change.object.name_any());
+                    self.queue.with(|q| {
+                        if !p.writer.hold(&*change.object) {
+                            q.add(key, "parent changed");
+                        }
+                    });
                 }
                 continue;
             }
@@ -449,6 +454,8 @@ impl Host {
         let workers = {
             let plugins = self.plugins.clone();
             let context = self.context.clone();
+            let queue = self.queue.clone();
+            let metrics = self.metrics.clone();
             tokio::spawn(crate::worker::serve(
                 self.queue.clone(),
                 self.metrics.clone(),
@@ -457,13 +464,29 @@ impl Host {
                 move |key, trigger| {
                     let plugins = plugins.clone();
                     let context = context.clone();
+                    let queue = queue.clone();
+                    let metrics = metrics.clone();
                     async move {
-                        match plugins.get(&key.plugin) {
-                            Some(p) => reconcile::run(&p, &context, &key, trigger).await,
-                            None => crate::queue::Outcome::Success {
+                        let Some(p) = plugins.get(&key.plugin) else {
+                            return crate::queue::Outcome::Success {
                                 requeue_after: None,
-                            },
-                        }
+                            };
+                        };
+                        let parent = crate::cache::ObjKey {
+                            namespace: key.namespace.clone(),
+                            name: key.name.clone(),
+                        };
+                        queue.with(|_| p.writer.begin_hold(parent.clone()));
+                        // Ends the hold however the reconcile ends (even by
+                        // a panic, which the worker catches).
+                        let _hold = HoldGuard {
+                            queue: &queue,
+                            metrics: &metrics,
+                            plugin: &p,
+                            key: &key,
+                            parent,
+                        };
+                        reconcile::run(&p, &context, &key, trigger).await
                     }
                 },
             ))
@@ -525,6 +548,32 @@ impl Host {
         self.health.watch("resync ticker", &ticker);
         self.health.watch("leadership", &takeover);
         vec![router, workers, ticker, takeover]
+    }
+}
+
+/// The end of a reconcile's hold on its parent's changes
+/// ([`crate::apply::PluginWriter::begin_hold`]): the held changes that were
+/// echoes of its writes are counted, any other queues the parent again.
+struct HoldGuard<'a> {
+    queue: &'a WorkQueue,
+    metrics: &'a Metrics,
+    plugin: &'a ActivePlugin,
+    key: &'a QueueKey,
+    parent: crate::cache::ObjKey,
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        self.queue.with(|q| {
+            let (echoes, other) = self.plugin.writer.end_hold(&self.parent);
+            for _ in 0..echoes {
+                self.metrics.echo_skipped(&self.key.plugin);
+            }
+            if other {
+                // Still in flight: queued again once done.
+                q.add(self.key.clone(), "parent changed");
+            }
+        });
     }
 }
 
