@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::plan::{self, owner_reference, prepare_child};
 use crate::plugin::hotswap::PluginDir;
 use crate::plugin::info::{FieldManager, PluginInfo};
-use crate::plugin::loader::{load_dir, load_file};
+use crate::plugin::loader::load_dir;
 use crate::plugin::runtime::{LoadedPlugin, Runtime, wit};
 use crate::reconcile::now_rfc3339;
 use crate::tenant::limits::{DEFAULT_MEMORY_CAP, Limits, MAX_DEADLINE};
@@ -135,6 +135,24 @@ struct TestArgs {
     /// Related objects (YAML, several documents allowed); repeatable.
     #[arg(long, value_name = "FILE")]
     related: Vec<PathBuf>,
+    /// Answers to the plugin's outbound HTTP calls (YAML: a list of `request: {method,
+    /// url, body?}` with its `response: {status, headers?, body}`, the format of the
+    /// `outbound` list this command prints). Without it (or --live) every call fails
+    /// with "no fixture answers"; the grant's outbound.hosts still applies.
+    #[arg(long, value_name = "FILE", conflicts_with = "live")]
+    outbound: Option<PathBuf>,
+    /// Send the plugin's outbound calls for real (to the origins its grant lists) and
+    /// print them, to save as an --outbound fixture.
+    #[arg(long)]
+    live: bool,
+    /// Test under this grant instead of the manifest beside the component (e.g. the one
+    /// it will be deployed with, listing outbound.hosts).
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// The time the plugin is told it is (RFC 3339), so the output can be compared with
+    /// a saved copy; default: now.
+    #[arg(long, value_name = "TIME")]
+    now: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -518,10 +536,39 @@ async fn shutdown_signal() {
 }
 
 async fn load_one(file: &Path) -> anyhow::Result<LoadedPlugin> {
+    load_with(
+        file,
+        None,
+        crate::plugin::outbound::Transport::Fixtures(Arc::default()),
+    )
+    .await
+}
+
+async fn load_with(
+    file: &Path,
+    manifest: Option<&Path>,
+    transport: crate::plugin::outbound::Transport,
+) -> anyhow::Result<LoadedPlugin> {
     let runtime = Runtime::new(None)
         .map_err(|e| anyhow::anyhow!("{e:#}"))
-        .context("starting the wasm runtime")?;
-    Ok(load_file(&runtime, file, Limits::default()).await?)
+        .context("starting the wasm runtime")?
+        .with_outbound(transport, true);
+    Ok(
+        crate::plugin::loader::load_file_granted(&runtime, file, manifest, Limits::default())
+            .await?,
+    )
+}
+
+/// The `--outbound` fixtures of `plugin test`.
+fn read_exchanges(path: &Path) -> anyhow::Result<Vec<crate::plugin::outbound::Exchange>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_saphyr::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a list of outbound exchanges (request: {{method, url, body?}}, response: {{status, headers?, body}})",
+            path.display()
+        )
+    })
 }
 
 /// What `plugin check` prints for a plugin.
@@ -561,7 +608,7 @@ fn read_yaml_docs(path: &Path) -> anyhow::Result<Vec<Value>> {
 }
 
 /// Fills what the API server would have set on a fixture parent.
-fn fixture_parent(mut parent: Value) -> anyhow::Result<Value> {
+fn fixture_parent(mut parent: Value, now: &str) -> anyhow::Result<Value> {
     if !parent["metadata"]["name"].is_string() {
         bail!("the parent needs metadata.name");
     }
@@ -570,7 +617,7 @@ fn fixture_parent(mut parent: Value) -> anyhow::Result<Value> {
         ("namespace", json!("default")),
         ("uid", json!("00000000-0000-0000-0000-000000000001")),
         ("generation", json!(1)),
-        ("creationTimestamp", json!(now_rfc3339())),
+        ("creationTimestamp", json!(now)),
     ] {
         if meta.get(key).is_none() {
             meta[key] = default;
@@ -614,13 +661,28 @@ fn fixture_child(
 }
 
 async fn test(args: &TestArgs) -> anyhow::Result<()> {
-    let plugin = load_one(&args.file).await?;
+    use crate::plugin::outbound::Transport;
+    let transport = match (&args.outbound, args.live) {
+        (Some(path), _) => Transport::Fixtures(Arc::new(read_exchanges(path)?)),
+        (None, true) => Transport::default(),
+        (None, false) => Transport::Fixtures(Arc::default()),
+    };
+    let now = match &args.now {
+        Some(t) => {
+            let parsed: jiff::Timestamp = t
+                .parse()
+                .with_context(|| format!("--now {t:?} is not an RFC 3339 time"))?;
+            parsed.to_string()
+        }
+        None => now_rfc3339(),
+    };
+    let plugin = load_with(&args.file, args.manifest.as_deref(), transport).await?;
     let info = &plugin.info;
     let parent = read_yaml_docs(&args.parent)?
         .into_iter()
         .next()
         .with_context(|| format!("{} holds no object", args.parent.display()))?;
-    let parent = fixture_parent(parent)?;
+    let parent = fixture_parent(parent, &now)?;
     let parent_object: kube::api::DynamicObject = serde_json::from_value(parent.clone())?;
     let mut children = Vec::new();
     for path in &args.children {
@@ -641,11 +703,22 @@ async fn test(args: &TestArgs) -> anyhow::Result<()> {
         children: children.iter().map(|c| c.json().to_owned()).collect(),
         related: related.iter().map(Value::to_string).collect(),
         context: wit::Context {
-            now: now_rfc3339(),
+            now: now.clone(),
             trigger: "plugin test".into(),
         },
     };
-    let desired = match plugin.reconcile(&input).await? {
+    let reconciled = plugin.reconcile(&input).await?;
+    let outbound: Vec<Value> = plugin
+        .take_outbound_calls()
+        .into_iter()
+        .filter_map(|c| c.exchange)
+        .map(|x| serde_json::to_value(x).expect("an exchange serializes"))
+        .collect();
+    // On failure the calls made are printed before the error.
+    if !outbound.is_empty() && reconciled.is_err() {
+        eprint!("{}", to_yaml(&json!({"outbound": &outbound}))?);
+    }
+    let desired = match reconciled {
         Ok(d) => d,
         Err(wit::ReconcileError::InvalidSpec(m)) => bail!("invalid spec: {m}"),
         Err(wit::ReconcileError::Transient(m)) => bail!("transient error: {m}"),
@@ -688,7 +761,6 @@ async fn test(args: &TestArgs) -> anyhow::Result<()> {
             .cloned()
     };
     let namespaced = |_: &Gvk| namespace.is_some();
-    let now = now_rfc3339();
     let seen = plan::Observed {
         info,
         grant: &plugin.grant,
@@ -705,6 +777,7 @@ async fn test(args: &TestArgs) -> anyhow::Result<()> {
         "requeueAfterMs": requeue.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         "events": events,
         "plan": plan.writes.iter().map(plan::Write::describe).collect::<Vec<_>>(),
+        "outbound": outbound,
     });
     print!("{}", to_yaml(&out)?);
     Ok(())

@@ -45,6 +45,8 @@ pub struct Metrics {
     leader: Gauge,
     leader_transitions: Counter,
     oci_pulls: Family<Labels, Counter>,
+    outbound_requests: Family<Labels, Counter>,
+    outbound_duration: HistogramFamily,
 }
 
 impl Default for Metrics {
@@ -83,6 +85,8 @@ impl Metrics {
             leader: Gauge::default(),
             leader_transitions: Counter::default(),
             oci_pulls: Family::default(),
+            outbound_requests: Family::default(),
+            outbound_duration: Family::new_with_constructor(reconcile_buckets),
         };
         registry.register(
             "kuwa_reconciles",
@@ -203,6 +207,16 @@ impl Metrics {
             "kuwa_plugin_pulls",
             "Components pulled from an OCI registry (not found in the digest store), by plugin object",
             m.oci_pulls.clone(),
+        );
+        registry.register(
+            "kuwa_outbound_requests",
+            "HTTP requests plugins made through the host, by plugin, origin (- when refused before a granted origin was known) and result (2xx..5xx, not_allowed, invalid, too_many_calls, timeout, too_large, failed)",
+            m.outbound_requests.clone(),
+        );
+        registry.register(
+            "kuwa_outbound_request_duration_seconds",
+            "Time of one outbound HTTP request, by plugin and origin",
+            m.outbound_duration.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
@@ -393,6 +407,20 @@ impl Metrics {
         self.oci_pulls
             .get_or_create(&vec![("object", object.into())])
             .inc();
+    }
+
+    /// Counts one outbound request of `plugin` to `host` and its time.
+    pub fn outbound_request(&self, plugin: &str, host: &str, result: &str, seconds: f64) {
+        self.outbound_requests
+            .get_or_create(&vec![
+                ("plugin", plugin.into()),
+                ("host", host.into()),
+                ("result", result.into()),
+            ])
+            .inc();
+        self.outbound_duration
+            .get_or_create(&vec![("plugin", plugin.into()), ("host", host.into())])
+            .observe(seconds);
     }
 
     /// The metrics in Prometheus text format.

@@ -220,6 +220,10 @@ pub async fn run(
     if dropped > 0 {
         ctx.metrics.plugin_log_dropped(name, dropped);
     }
+    for call in plugin.loaded.take_outbound_calls() {
+        ctx.metrics
+            .outbound_request(name, &call.host, call.result, call.seconds);
+    }
     match result {
         Ok(Reconciled {
             unchanged: true, ..

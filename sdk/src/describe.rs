@@ -117,6 +117,33 @@ impl Description {
         }
     }
 
+    /// Describes a plugin reconciling the built-in kind `K` (e.g.
+    /// `networking.k8s.io/v1` Ingress): it carries no CRD, so its grant must
+    /// name the kind (`parentKind` in the manifest).
+    pub fn for_kind<K>(name: impl Into<String>, version: impl Into<String>) -> Self
+    where
+        K: k8s_openapi::Resource,
+        K::Scope: 'static,
+    {
+        let cluster = std::any::TypeId::of::<K::Scope>()
+            == std::any::TypeId::of::<k8s_openapi::ClusterResourceScope>();
+        Self {
+            name: name.into(),
+            version: version.into(),
+            parent: Gvk::of::<K>(),
+            parent_scope: if cluster {
+                Scope::Cluster
+            } else {
+                Scope::Namespaced
+            },
+            children: Vec::new(),
+            related: Vec::new(),
+            finalizer: false,
+            resync: None,
+            crd: None,
+        }
+    }
+
     /// Declares a child kind the plugin creates and owns.
     pub fn owns<K: k8s_openapi::Resource>(mut self) -> Self {
         self.children.push(Gvk::of::<K>());

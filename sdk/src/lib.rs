@@ -24,6 +24,9 @@
 //! kuwa_sdk::export_plugin!(Plugin);
 //! ```
 //!
+//! A plugin whose grant allows it may call systems outside the cluster
+//! through the host with [`outbound::send`].
+//!
 //! The generated WIT bindings stay hidden in [`wit`]; with the `testing`
 //! feature, [`testing::Fixture`] runs a reconcile natively against YAML
 //! fixtures through the same JSON conversion the component uses.
@@ -37,6 +40,7 @@ pub mod glue;
 pub mod log;
 mod meta;
 mod observed;
+pub mod outbound;
 pub mod pods;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -68,7 +72,8 @@ pub mod wit {
 /// A reconcile plugin. Implement it on a unit struct and export the struct
 /// with [`export_plugin!`].
 pub trait Reconciler {
-    /// The custom resource this plugin reconciles (a `kube::CustomResource`).
+    /// The kind this plugin reconciles: a `kube::CustomResource`, or a
+    /// built-in `k8s-openapi` type (see [`Description::for_kind`]).
     type Parent: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned;
     /// The parent's status type.
     type Status: serde::Serialize;

@@ -1,9 +1,29 @@
 //! Native fixture harness: run a plugin's reconcile against YAML fixtures with
 //! no host and no cluster, through the same JSON conversion as the component.
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use serde_json::Value;
 
+use crate::outbound::{Request, Response};
 use crate::{Desired, Error, Finalized, Reconciler, glue};
+
+type SharedResponder = Rc<RefCell<dyn FnMut(&Request) -> Result<Response, crate::outbound::Error>>>;
+
+/// The fixture's stand-in for outbound calls.
+#[derive(Clone, Default)]
+struct Outbound(Option<SharedResponder>);
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "responder"
+        } else {
+            "none"
+        })
+    }
+}
 
 /// The time fixtures run at unless told otherwise.
 pub const FIXTURE_NOW: &str = "2026-01-01T00:00:00Z";
@@ -15,6 +35,7 @@ pub struct Fixture {
     children: Vec<Value>,
     related: Vec<Value>,
     now: String,
+    outbound: Outbound,
 }
 
 fn from_yaml(yaml: &str) -> Value {
@@ -42,6 +63,7 @@ impl Fixture {
             children: Vec::new(),
             related: Vec::new(),
             now: FIXTURE_NOW.to_owned(),
+            outbound: Outbound::default(),
         }
     }
 
@@ -74,29 +96,57 @@ impl Fixture {
         self
     }
 
+    /// Answers the plugin's outbound calls (see [`crate::outbound`]) with
+    /// `respond` during this fixture's reconcile and finalize. Without it
+    /// every call fails with `NotAllowed`.
+    pub fn outbound(
+        mut self,
+        respond: impl FnMut(&Request) -> Result<Response, crate::outbound::Error> + 'static,
+    ) -> Self {
+        self.outbound = Outbound(Some(Rc::new(RefCell::new(respond))));
+        self
+    }
+
+    fn with_outbound<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.outbound.0 {
+            Some(shared) => {
+                let shared = shared.clone();
+                crate::outbound::with_responder(
+                    Box::new(move |r: &Request| (shared.borrow_mut())(r)),
+                    f,
+                )
+            }
+            None => f(),
+        }
+    }
+
     fn strings(values: &[Value]) -> Vec<String> {
         values.iter().map(Value::to_string).collect()
     }
 
     /// Runs `R::reconcile` on this fixture.
     pub fn reconcile<R: Reconciler>(&self) -> Result<Desired<R::Status>, Error> {
-        glue::run_reconcile::<R>(
-            &self.parent.to_string(),
-            &Self::strings(&self.children),
-            &Self::strings(&self.related),
-            &self.now,
-            "fixture",
-        )
+        self.with_outbound(|| {
+            glue::run_reconcile::<R>(
+                &self.parent.to_string(),
+                &Self::strings(&self.children),
+                &Self::strings(&self.related),
+                &self.now,
+                "fixture",
+            )
+        })
     }
 
     /// Runs `R::finalize` on this fixture.
     pub fn finalize<R: Reconciler>(&self) -> Result<Finalized, Error> {
-        glue::run_finalize::<R>(
-            &self.parent.to_string(),
-            &Self::strings(&self.children),
-            &Self::strings(&self.related),
-            &self.now,
-            "fixture",
-        )
+        self.with_outbound(|| {
+            glue::run_finalize::<R>(
+                &self.parent.to_string(),
+                &Self::strings(&self.children),
+                &Self::strings(&self.related),
+                &self.now,
+                "fixture",
+            )
+        })
     }
 }

@@ -77,7 +77,25 @@ pub async fn load_file(
     path: &Path,
     defaults: Limits,
 ) -> Result<LoadedPlugin, FileError> {
-    let (grant, limits) = crate::tenant::grant::load(path, defaults)?;
+    load_file_granted(runtime, path, None, defaults).await
+}
+
+/// Like [`load_file`], with the grant of `manifest` instead of the one
+/// beside the component, when given (`kuwa plugin test --manifest`).
+pub async fn load_file_granted(
+    runtime: &Runtime,
+    path: &Path,
+    manifest: Option<&Path>,
+    defaults: Limits,
+) -> Result<LoadedPlugin, FileError> {
+    let (grant, limits) = match manifest {
+        None => crate::tenant::grant::load(path, defaults)?,
+        Some(m) => {
+            let text = std::fs::read_to_string(m)
+                .map_err(|e| crate::tenant::grant::ManifestError::Read(m.to_owned(), e))?;
+            crate::tenant::grant::parse(m, &text, defaults)?
+        }
+    };
     let bytes = std::fs::read(path).map_err(|e| FileError::Read(path.to_owned(), e))?;
     let mut plugin = runtime
         .load(bytes, limits)

@@ -3,7 +3,8 @@
 //! [`compile_cache`], loading a plugin file with its manifest ([`loader`]),
 //! and the watched plugins directory that swaps versions live ([`hotswap`]);
 //! plugins as custom resources ([`resource`]) pulled from OCI registries
-//! ([`oci`]) and served by [`objects`].
+//! ([`oci`]) and served by [`objects`]; the HTTP calls a plugin may make
+//! through the host ([`outbound`]).
 
 pub mod compile_cache;
 pub mod hotswap;
@@ -11,5 +12,6 @@ pub mod info;
 pub mod loader;
 pub mod objects;
 pub mod oci;
+pub mod outbound;
 pub mod resource;
 pub mod runtime;

@@ -31,7 +31,7 @@ pub struct ClusterPluginSpec {
     pub source: String,
     /// What the plugin may do: the fields of a plugin manifest (namespaces,
     /// parentKind, childKinds, relatedKinds, installCrd, limits, budget,
-    /// quarantine). Absent: the tight defaults.
+    /// quarantine, outbound). Absent: the tight defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<Manifest>,
     /// The ServiceAccount whose identity the plugin's writes carry

@@ -31,6 +31,7 @@ use wasmtime_wasi::{
 
 use crate::plugin::compile_cache::CompileCache;
 use crate::plugin::info::{DescribeError, PluginInfo};
+use crate::plugin::outbound::{OutboundCall, OutboundLog, Transport};
 use crate::tenant::limits::{Limits, MAX_LOG_LINE_BYTES, MAX_MEMORY_CAP};
 
 /// Bindings generated from `wit/controller.wit`.
@@ -44,6 +45,8 @@ mod bindings {
     });
 }
 
+/// The WIT types of the `outbound` interface.
+pub use bindings::kuwa::controller::outbound as wit_outbound;
 /// The WIT types (`observed`, `desired`, `description`, ...).
 pub use bindings::kuwa::controller::types as wit;
 use bindings::{Reconciler, ReconcilerPre, kuwa};
@@ -77,7 +80,7 @@ pub enum LoadError {
     Compile(String),
     /// The component compiled but does not fit the `reconciler` world (missing
     /// exports or unknown imports). Not retryable until the file changes.
-    #[error("component does not implement kuwa:controller/reconciler@0.1.0: {0}")]
+    #[error("component does not implement kuwa:controller/reconciler@0.1 (0.1.0 or 0.1.1): {0}")]
     Link(String),
     /// `describe` returned something unusable.
     #[error("describe failed: {0}")]
@@ -165,10 +168,17 @@ pub struct CallState {
     plugin: Arc<str>,
     log_lines_left: u32,
     log_dropped: Arc<AtomicU64>,
+    outbound: Option<OutboundCall>,
 }
 
 impl CallState {
-    fn new(plugin: Arc<str>, limits: &Limits, seed: &[u8], log_dropped: Arc<AtomicU64>) -> Self {
+    fn new(
+        plugin: Arc<str>,
+        limits: &Limits,
+        seed: &[u8],
+        log_dropped: Arc<AtomicU64>,
+        outbound: Option<OutboundCall>,
+    ) -> Self {
         // No preopened directories, environment, arguments, stdio or network:
         // a plugin computes, it does not do I/O.
         let random = random_bytes(seed);
@@ -192,6 +202,7 @@ impl CallState {
             plugin,
             log_lines_left: limits.max_log_lines,
             log_dropped,
+            outbound,
         }
     }
 }
@@ -232,6 +243,13 @@ impl wasmtime::ResourceLimiter for CallState {
     }
 }
 
+/// A plugin-supplied string cut short for an error message.
+pub fn shortened(text: &str) -> String {
+    let mut s = text.to_owned();
+    truncate(&mut s, 200);
+    s
+}
+
 /// Cuts `message` to at most `max` bytes on a character boundary.
 pub fn truncate(message: &mut String, max: usize) {
     if message.len() > max {
@@ -264,6 +282,20 @@ impl kuwa::controller::log::Host for CallState {
 }
 
 impl kuwa::controller::types::Host for CallState {}
+
+impl kuwa::controller::outbound::Host for CallState {
+    async fn send(
+        &mut self,
+        request: wit_outbound::Request,
+    ) -> Result<wit_outbound::Response, wit_outbound::Error> {
+        match &mut self.outbound {
+            Some(outbound) => outbound.send(request).await,
+            None => Err(wit_outbound::Error::NotAllowed(
+                "describe may make no outbound call; nothing was sent".into(),
+            )),
+        }
+    }
+}
 
 /// Components compiled in this process, by sha256, with how many loaded
 /// plugins use each: identical files are compiled (or read from disk) once,
@@ -300,6 +332,8 @@ pub struct Runtime {
     cache: Option<Arc<CompileCache>>,
     compiled: Arc<Mutex<Compiled>>,
     slots: Arc<Semaphore>,
+    transport: Transport,
+    record_outbound: bool,
 }
 
 /// Where a component came from when loaded.
@@ -385,7 +419,18 @@ impl Runtime {
             cache,
             compiled: Arc::default(),
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT_CALLS as usize)),
+            transport: Transport::default(),
+            record_outbound: false,
         })
+    }
+
+    /// Answers the outbound calls of the plugins loaded from now on through
+    /// `transport`, recording each exchange when `record` (`kuwa plugin
+    /// test`).
+    pub fn with_outbound(mut self, transport: Transport, record: bool) -> Self {
+        self.transport = transport;
+        self.record_outbound = record;
+        self
     }
 
     /// Number of distinct components held in memory (for tests and metrics).
@@ -477,6 +522,12 @@ impl Runtime {
             grant: crate::tenant::grant::Grant::default(),
             identity: None,
             log_dropped: Arc::default(),
+            transport: self.transport.clone(),
+            outbound_log: Arc::new(if self.record_outbound {
+                OutboundLog::recording()
+            } else {
+                OutboundLog::default()
+            }),
             call_nanos: Default::default(),
             _compiled: hold,
         };
@@ -514,6 +565,8 @@ pub struct LoadedPlugin {
     /// if any (set by the loader of plugin objects).
     pub identity: Option<String>,
     log_dropped: Arc<AtomicU64>,
+    transport: Transport,
+    outbound_log: Arc<OutboundLog>,
     /// Nanoseconds spent instantiating and in the guest, summed over calls
     /// since [`LoadedPlugin::take_call_nanos`] last asked.
     call_nanos: [AtomicU64; 2],
@@ -569,6 +622,11 @@ impl LoadedPlugin {
         self.log_dropped.swap(0, Ordering::Relaxed)
     }
 
+    /// The outbound calls made since the last time this was asked.
+    pub fn take_outbound_calls(&self) -> Vec<crate::plugin::outbound::Logged> {
+        self.outbound_log.take()
+    }
+
     /// Time spent instantiating and in the guest (host calls included) since
     /// the last time this was asked, in seconds.
     pub fn take_call_seconds(&self) -> (f64, f64) {
@@ -594,6 +652,23 @@ impl LoadedPlugin {
             Call::Describe => self.sha256.as_bytes(),
             Call::Reconcile(o) | Call::Finalize(o) => o.parent.as_bytes(),
         };
+        let ends = Instant::now() + deadline;
+        // Describe must be pure: it gets no outbound calls, whatever the
+        // grant.
+        // A plugin without an outbound grant gets one with no origin: its
+        // calls are refused, and counted like any other refusal.
+        let outbound = match &call {
+            Call::Reconcile(_) | Call::Finalize(_) => Some(OutboundCall::new(
+                self.grant
+                    .outbound
+                    .clone()
+                    .unwrap_or_else(crate::tenant::outbound::OutboundGrant::none),
+                self.transport.clone(),
+                self.outbound_log.clone(),
+                ends,
+            )),
+            Call::Describe => None,
+        };
         let mut store = Store::new(
             &self.engine,
             CallState::new(
@@ -601,13 +676,13 @@ impl LoadedPlugin {
                 &self.limits,
                 seed,
                 self.log_dropped.clone(),
+                outbound,
             ),
         );
         store.limiter(|state| state);
         store
             .set_fuel(self.limits.fuel.unwrap_or(u64::MAX))
             .map_err(|e| CallError::Instantiate(format!("{e:#}")))?;
-        let ends = Instant::now() + deadline;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             Ok(if Instant::now() >= ends {

@@ -22,6 +22,11 @@
 //!   maxChildren: 50
 //!   maxOutputBytes: 1048576         # children, status and events together
 //!   maxEvents: 16
+//! outbound:                         # default: no outbound calls at all
+//!   hosts: [https://firewall.example.com]   # origins it may call over HTTP
+//!   timeout: 2s                     # per request, inside limits.deadline
+//!   maxResponseBytes: 1048576
+//!   maxCallsPerReconcile: 8
 //! ```
 //!
 //! Every field is optional and the defaults are tight: without a manifest a
@@ -49,6 +54,7 @@ use crate::gvk::Gvk;
 use crate::tenant::limits::{
     Limits, MAX_CONCURRENT_RECONCILES, MAX_DEADLINE, MAX_MEMORY_CAP, OutputLimits,
 };
+use crate::tenant::outbound::{ManifestOutbound, OutboundGrant};
 
 /// Slowest write budget a manifest may set: one write every 1,000 s. Below
 /// that a plugin could never converge anything, and the token arithmetic
@@ -100,6 +106,8 @@ pub struct Manifest {
     pub quarantine_interval: Option<String>,
     /// Sandbox and output limits.
     pub limits: Option<ManifestLimits>,
+    /// HTTP calls through the host (none without it).
+    pub outbound: Option<ManifestOutbound>,
 }
 
 /// The `limits` section of a manifest.
@@ -187,6 +195,8 @@ pub struct Grant {
     pub quarantine_interval: Duration,
     /// Limits on one reconcile's output.
     pub output: OutputLimits,
+    /// What it may call over HTTP (None: nothing).
+    pub outbound: Option<std::sync::Arc<OutboundGrant>>,
 }
 
 impl Default for Grant {
@@ -204,6 +214,7 @@ impl Default for Grant {
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
             quarantine_interval: DEFAULT_QUARANTINE_INTERVAL,
             output: OutputLimits::default(),
+            outbound: None,
         }
     }
 }
@@ -468,6 +479,10 @@ pub fn from_manifest(
             &invalid,
         )?,
     };
+    let outbound = m
+        .outbound
+        .map(|o| OutboundGrant::from_manifest(o, &invalid).map(std::sync::Arc::new))
+        .transpose()?;
     let grant = Grant {
         namespaces: m.namespaces.map(|ns| ns.into_iter().collect()),
         parent_kind,
@@ -481,6 +496,7 @@ pub fn from_manifest(
         quarantine_after,
         quarantine_interval,
         output,
+        outbound,
     };
     let limits = Limits {
         deadline,
@@ -516,6 +532,7 @@ mod tests {
         assert!(g.allows_kind(&Gvk::new("apps", "v1", "Deployment")));
         assert!(!g.allows_kind(&Gvk::new("", "v1", "Secret")));
         assert_eq!(g.parent_kind, Some(Gvk::new("x.dev", "v1", "Foo")));
+        assert!(g.outbound.is_none(), "no outbound section: no calls");
         assert!(g.related_kinds.contains(&Gvk::new("", "v1", "Secret")));
         assert!(g.install_crd && g.child_finalizers);
         assert_eq!(
@@ -613,6 +630,23 @@ mod tests {
         assert!(err("quarantineInterval: 1ms").contains("quarantineInterval"));
         assert!(err("nameSpaces: [a]").contains("nameSpaces"));
         assert!(err("namespaces: 3").contains("m.yaml"));
+        assert!(err("outbound: {hosts: [example.com]}").contains("outbound.hosts"));
+        assert!(err("outbound: {hosts: [], timeout: 5m}").contains("outbound.timeout"));
+    }
+
+    #[test]
+    fn an_outbound_section_is_a_grant_of_origins() {
+        let (g, _) = parse_str(
+            "outbound: {hosts: [https://fw.example.com, http://127.0.0.1:9], timeout: 300ms, maxResponseBytes: 10, maxCallsPerReconcile: 2}\n",
+        )
+        .unwrap();
+        let o = g.outbound.expect("an outbound grant");
+        let names: Vec<String> = o.origins.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["http://127.0.0.1:9", "https://fw.example.com:443"]);
+        assert_eq!(
+            (o.timeout, o.max_response_bytes, o.max_calls),
+            (Duration::from_millis(300), 10, 2)
+        );
     }
 
     #[test]
