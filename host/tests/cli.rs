@@ -50,6 +50,12 @@ fn ok_yaml(out: &Output) -> Value {
 }
 
 fn plugin_test(plugin: &str, parent: &str, related: &[PathBuf]) -> Output {
+    plugin_test_with(plugin, parent, related, &[])
+}
+
+/// `plugin test` with `extra` arguments; paths in them are relative to the
+/// workspace.
+fn plugin_test_with(plugin: &str, parent: &str, related: &[PathBuf], extra: &[&str]) -> Output {
     let wasm = component(plugin);
     let parent = workspace().join(parent);
     let mut args = vec![
@@ -63,7 +69,128 @@ fn plugin_test(plugin: &str, parent: &str, related: &[PathBuf]) -> Output {
         args.push("--related".as_ref());
         args.push(r.as_os_str());
     }
+    let extra: Vec<std::ffi::OsString> = extra
+        .iter()
+        .map(|a| {
+            if a.starts_with("--") {
+                (*a).into()
+            } else {
+                let p = workspace().join(a);
+                if p.exists() { p.into() } else { (*a).into() }
+            }
+        })
+        .collect();
+    args.extend(extra.iter().map(|a| a.as_os_str()));
     kuwa(&args)
+}
+
+fn condition<'a>(out: &'a Value, type_: &str) -> &'a Value {
+    out["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {}", out["status"]))
+}
+
+const NOW: &str = "2026-03-04T05:06:07Z";
+
+#[test]
+fn plugin_test_answers_the_firewall_call_from_a_fixture() {
+    let nodes = workspace().join("plugins/securitypolicy/fixtures/nodes.yaml");
+    let parent = "plugins/securitypolicy/fixtures/firewall-policy.yaml";
+    let out = ok_yaml(&plugin_test_with(
+        "securitypolicy",
+        parent,
+        std::slice::from_ref(&nodes),
+        &[
+            "--manifest",
+            "plugins/securitypolicy/fixtures/grant.yaml",
+            "--outbound",
+            "plugins/securitypolicy/fixtures/firewall.yaml",
+            "--now",
+            NOW,
+        ],
+    ));
+    assert_eq!(kinds(&out), ["NetworkPolicy/securitypolicy-sample"]);
+    let from: Vec<&str> = out["children"][0]["spec"]["ingress"][0]["from"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["ipBlock"]["cidr"].as_str().unwrap())
+        .collect();
+    assert_eq!(from, ["10.20.0.0/16", "10.126.0.1/32", "10.126.0.2/32"]);
+    assert_eq!(out["status"]["firewall"]["ruleId"], "fw-rule-0001");
+    let synced = condition(&out, "FirewallSynced");
+    assert_eq!(synced["status"], "True", "{synced}");
+    assert_eq!(
+        synced["lastTransitionTime"], NOW,
+        "--now is the plugin's clock"
+    );
+    assert_eq!(out["outbound"][0]["request"]["method"], "PUT");
+    assert_eq!(out["outbound"][0]["response"]["status"], 200);
+
+    // The shipped grant lists no origin: the call is refused, nothing is
+    // sent, and the status says so.
+    let out = ok_yaml(&plugin_test_with(
+        "securitypolicy",
+        parent,
+        &[nodes],
+        &[
+            "--outbound",
+            "plugins/securitypolicy/fixtures/firewall.yaml",
+        ],
+    ));
+    let synced = condition(&out, "FirewallSynced");
+    assert_eq!(
+        (&synced["status"], &synced["reason"]),
+        (&Value::from("False"), &Value::from("NotAllowed")),
+        "{synced}"
+    );
+    let error = out["outbound"][0]["error"].as_str().unwrap();
+    assert!(error.contains("nothing was sent"), "{error}");
+    assert!(out["outbound"][0].get("response").is_none());
+    assert!(out["status"]["firewall"].get("ruleId").is_none());
+}
+
+#[test]
+fn plugin_test_runs_ingress_on_its_sample() {
+    let backends = workspace().join("plugins/ingress/fixtures/backends.yaml");
+    let out = ok_yaml(&plugin_test(
+        "ingress",
+        "deploy/samples/networking.k8s.io_v1_ingress.yaml",
+        &[backends],
+    ));
+    assert_eq!(
+        kinds(&out),
+        [
+            "ConfigMap/ingress-sample-proxy",
+            "Deployment/ingress-sample-proxy"
+        ]
+    );
+    assert_eq!(
+        out["children"][0]["metadata"]["ownerReferences"][0]["kind"],
+        "Ingress"
+    );
+    let config = out["children"][0]["data"]["default.conf"].as_str().unwrap();
+    assert!(
+        config.contains("server 10.128.0.9:80;\n    server 10.128.0.12:80;\n}"),
+        "{config}"
+    );
+    assert_eq!(
+        out["status"]["loadBalancer"]["ingress"][0]["ip"],
+        "192.0.2.10"
+    );
+    // Another class: nothing at all.
+    let other = ok_yaml(&plugin_test_with(
+        "ingress",
+        "host/tests/fixtures/ingress-other-class.yaml",
+        &[],
+        &[],
+    ));
+    assert!(other["children"].as_array().unwrap().is_empty(), "{other}");
+    assert!(other["status"].is_null(), "{other}");
+    assert!(other["plan"].as_array().unwrap().is_empty(), "{other}");
 }
 
 fn kinds(out: &Value) -> Vec<String> {
@@ -252,7 +379,11 @@ fn committed_crds_match_the_plugins() {
         "--plugins".as_ref(),
         plugins_dir().as_os_str(),
     ]));
-    assert_eq!(generated.len(), 3, "one CRD per shipped plugin");
+    assert_eq!(
+        generated.len(),
+        4,
+        "one CRD per shipped plugin but ingress (its parent is the built-in Ingress)"
+    );
     assert_committed_crds(
         generated,
         "kuwa crds --plugins target/plugins --out deploy/crds",

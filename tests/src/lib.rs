@@ -5,8 +5,10 @@
 //!   or the local one, started (once per test process) if it is not up.
 //! * [`TestNamespace`]: a fresh namespace per test.
 //! * [`wait_for`]: the one bounded polling loop every wait should use.
+//! * [`firewall`]: a firewall API on loopback (SecurityPolicy tests).
 
 pub mod bench;
+pub mod firewall;
 pub mod host;
 pub mod objects;
 pub mod registry;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
@@ -217,4 +217,70 @@ pub async fn apply_crd(client: &Client, crd: &Value) -> Result<()> {
         },
     )
     .await
+}
+
+/// Creates a kwok-managed Node `name` with InternalIP `ip` that nothing is
+/// scheduled on (unschedulable and tainted), for tests of node-address
+/// logic. The API server keeps the status a Node is created with, and kwok
+/// keeps the addresses it finds.
+pub async fn create_node(client: &Client, name: &str, ip: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {"kuwa.dev/e2e": "true", "type": "kwok"},
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+        },
+        "spec": {
+            "unschedulable": true,
+            "taints": [{"key": "kuwa.dev/e2e", "value": "true", "effect": "NoSchedule"}],
+        },
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": ip},
+                {"type": "Hostname", "address": name},
+            ],
+        },
+    }))?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(&kube::api::PostParams::default(), &node)
+        .await
+        .with_context(|| format!("creating Node {name}"))?;
+    Ok(())
+}
+
+/// Deletes Node `name` (absent is fine).
+pub async fn delete_node(client: &Client, name: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: Api<Node> = Api::all(client.clone());
+    match nodes
+        .delete(name, &kube::api::DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting Node {name}")),
+    }
+}
+
+/// The InternalIPs of every Node, as `/32` (or `/128`) CIDRs.
+pub async fn node_cidrs(client: &Client) -> Result<Vec<String>> {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut out = Vec::new();
+    for node in nodes.list(&Default::default()).await?.items {
+        for a in node.status.and_then(|s| s.addresses).unwrap_or_default() {
+            if a.type_ == "InternalIP"
+                && let Ok(ip) = a.address.parse::<std::net::IpAddr>()
+            {
+                out.push(format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 }));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }

@@ -111,7 +111,10 @@ func (s nodeSpec) nodes() ([]*corev1.Node, error) {
 				Capacity:    res,
 				Allocatable: res.DeepCopy(),
 				Addresses: []corev1.NodeAddress{
-					{Type: corev1.NodeInternalIP, Address: "127.0.0.1"},
+					// A distinct address per node (10.126.0.0/16), so that
+					// node-address logic (allow-lists) can be tested; kwok
+					// keeps addresses a node already has.
+					{Type: corev1.NodeInternalIP, Address: nodeIP(index)},
 					{Type: corev1.NodeHostName, Address: name},
 				},
 				NodeInfo: corev1.NodeSystemInfo{
@@ -133,6 +136,11 @@ func (s nodeSpec) nodes() ([]*corev1.Node, error) {
 		index++
 	}
 	return out, nil
+}
+
+// nodeIP is the InternalIP of the node at index (10.126.x.y, from .1).
+func nodeIP(index int) string {
+	return fmt.Sprintf("10.126.%d.%d", (index+1)/256, (index+1)%256)
 }
 
 func nodeReady(n *corev1.Node) bool {
