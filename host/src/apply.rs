@@ -263,6 +263,37 @@ impl Echoes {
         self.take_rv(&key, rv)
     }
 
+    fn begin_hold(&self, key: ObjKey) {
+        self.held().insert(key, Vec::new());
+    }
+
+    fn hold<K: Resource>(&self, parent: &K) -> bool {
+        let mut held = self.held();
+        match held.get_mut(&ObjKey::of(parent)) {
+            Some(versions) => {
+                if let Some(rv) = &parent.meta().resource_version {
+                    versions.push(rv.clone());
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn end_hold(&self, key: &ObjKey) -> (usize, bool) {
+        let held = self.held().remove(key).unwrap_or_default();
+        let mut echoes = 0;
+        let mut other = false;
+        for rv in held {
+            if self.take_rv(key, &rv) {
+                echoes += 1;
+            } else {
+                other = true;
+            }
+        }
+        (echoes, other)
+    }
+
     fn forget<K: Resource>(&self, object: &K) {
         let key = ObjKey::of(object);
         self.lock().remove(&key);
@@ -305,23 +336,14 @@ impl PluginWriter {
     /// Starts holding the changes of parent `key` that are not known echoes
     /// (its reconcile is starting). Call under the work queue's lock.
     pub fn begin_hold(&self, key: ObjKey) {
-        self.echoes.held().insert(key, Vec::new());
+        self.echoes.begin_hold(key);
     }
 
     /// Holds this change of a parent whose reconcile is running; false when
     /// none is (the caller queues the parent). Call under the work queue's
     /// lock.
     pub fn hold<K: Resource>(&self, parent: &K) -> bool {
-        let mut held = self.echoes.held();
-        match held.get_mut(&ObjKey::of(parent)) {
-            Some(versions) => {
-                if let Some(rv) = &parent.meta().resource_version {
-                    versions.push(rv.clone());
-                }
-                true
-            }
-            None => false,
-        }
+        self.echoes.hold(parent)
     }
 
     /// Ends the hold of `key` (its reconcile is over, every write answered):
@@ -329,17 +351,7 @@ impl PluginWriter {
     /// whether one was not (the parent must be reconciled again). Call under
     /// the work queue's lock.
     pub fn end_hold(&self, key: &ObjKey) -> (usize, bool) {
-        let held = self.echoes.held().remove(key).unwrap_or_default();
-        let mut echoes = 0;
-        let mut other = false;
-        for rv in held {
-            if self.echoes.take_rv(key, &rv) {
-                echoes += 1;
-            } else {
-                other = true;
-            }
-        }
-        (echoes, other)
+        self.echoes.end_hold(key)
     }
 
     /// Forgets the writes remembered for a parent that is gone.
@@ -802,6 +814,40 @@ mod tests {
                 "versions": [{"name": "v1alpha1", "served": true, "storage": true}],
             }
         })
+    }
+
+    fn parent_at(rv: &str) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "kuwa.dev/v1alpha1", "kind": "WebServer",
+            "metadata": {"name": "a", "namespace": "ns", "resourceVersion": rv},
+        }))
+        .unwrap()
+    }
+
+    /// An echo that arrives before its write's answer (while the reconcile
+    /// runs) is recognised when the reconcile ends; a change nobody wrote
+    /// queues the parent again.
+    #[test]
+    fn an_early_echo_is_held_and_recognised() {
+        let echoes = Echoes::default();
+        let key = ObjKey::of(&parent_at("1"));
+        // No reconcile running: nothing is held, the caller queues.
+        assert!(!echoes.hold(&parent_at("5")));
+        echoes.begin_hold(key.clone());
+        // The watch event of the status write, before its answer...
+        assert!(!echoes.take(&parent_at("5")));
+        assert!(echoes.hold(&parent_at("5")));
+        // ...which then comes.
+        echoes.record(&parent_at("5"));
+        assert_eq!(echoes.end_hold(&key), (1, false), "an echo: nothing to do");
+        // A change the host did not make, held the same way, is not one.
+        echoes.begin_hold(key.clone());
+        assert!(echoes.hold(&parent_at("7")));
+        echoes.record(&parent_at("8"));
+        assert_eq!(echoes.end_hold(&key), (0, true), "someone else's change");
+        // After the hold, changes are routed as usual again.
+        assert!(!echoes.hold(&parent_at("9")));
+        assert!(echoes.take(&parent_at("8")), "a late echo is still known");
     }
 
     #[test]
