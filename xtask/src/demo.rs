@@ -54,7 +54,9 @@ pub fn run(args: &Args) -> Result<()> {
     );
     eprintln!("  export KUBECONFIG={}", kubeconfig.display());
     eprintln!("  kubectl apply -f {}", samples.display());
-    eprintln!("  kubectl get webservers,memcacheds,mltasks,deploy,sts,pods");
+    eprintln!(
+        "  kubectl get webservers,memcacheds,mltasks,securitypolicies,ingresses,networkpolicies,deploy,sts,pods"
+    );
     eprintln!(
         "  curl -s http://{}/metrics | grep kuwa_",
         args.metrics_addr
