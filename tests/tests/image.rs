@@ -79,14 +79,31 @@ async fn image_layout_is_inspectable_and_its_binary_static() -> Result<()> {
     let size = std::fs::metadata(&kuwa)
         .context("/kuwa in the layer")?
         .len();
-    let plugins: Vec<PathBuf> = std::fs::read_dir(unpacked.path().join("plugins"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
-        .collect();
+    let wasm_in = |dir: &std::path::Path| -> Result<Vec<PathBuf>> {
+        let mut out: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+            .collect();
+        out.sort();
+        Ok(out)
+    };
+    let plugins = wasm_in(&unpacked.path().join("plugins"))?;
+    let names = |ps: &[PathBuf]| -> Vec<String> {
+        ps.iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect()
+    };
+    let shipped = wasm_in(
+        kuwa_e2e::host::plugin("webserver")?
+            .parent()
+            .context("the shipped plugins directory")?,
+    )?;
     ensure!(
-        plugins.len() == 3,
-        "the image carries the 3 shipped plugins: {plugins:?}"
+        names(&plugins) == names(&shipped) && plugins.len() == 5,
+        "the image carries the 5 shipped plugins: {:?}, shipped {:?}",
+        names(&plugins),
+        names(&shipped)
     );
     for p in &plugins {
         ensure!(
@@ -126,6 +143,17 @@ async fn image_layout_is_inspectable_and_its_binary_static() -> Result<()> {
     // The binary out of the image runs: TLS to the API server, its plugins
     // load from the image's own directory.
     let client = client().await?;
+    // It installs no CRD (like the Deployment in deploy/): the committed
+    // ones, as `kubectl apply -k deploy/` would.
+    for file in std::fs::read_dir(kuwa_e2e::workspace_root().join("deploy/crds"))? {
+        let path = file?.path();
+        if path.extension().is_some_and(|x| x == "yaml") {
+            let text = std::fs::read_to_string(&path)?;
+            let crd: Value = serde_saphyr::from_str(&text)
+                .with_context(|| format!("{} is not YAML", path.display()))?;
+            kuwa_e2e::objects::apply_crd(&client, &crd).await?;
+        }
+    }
     let ns = TestNamespace::new(&client, "image").await?;
     let kubeconfig = tokio::task::spawn_blocking(kubeconfig_path).await??;
     let host = KuwaHost::start_binary(&kuwa, &kubeconfig, &ns.name, &plugins).await;
@@ -138,7 +166,11 @@ async fn image_layout_is_inspectable_and_its_binary_static() -> Result<()> {
         .lines()
         .filter(|l| l.starts_with("kuwa_plugin_info{"))
         .count();
-    ensure!(loaded == 3, "3 plugins loaded from the image:\n{metrics}");
+    ensure!(
+        loaded == plugins.len(),
+        "all {} plugins loaded from the image:\n{metrics}",
+        plugins.len()
+    );
     ensure!(metric_sample(&metrics, "kuwa_watch_lists_total", &[]).is_some_and(|n| n > 0.0));
     drop(host);
     ns.cleanup().await;
