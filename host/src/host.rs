@@ -476,7 +476,7 @@ impl Host {
                             namespace: key.namespace.clone(),
                             name: key.name.clone(),
                         };
-                        queue.with(|_| p.writer.begin_hold(parent.clone()));
+                        queue.locked(|_| p.writer.begin_hold(parent.clone()));
                         // Ends the hold however the reconcile ends (even by
                         // a panic, which the worker catches).
                         let _hold = HoldGuard {
@@ -564,13 +564,14 @@ struct HoldGuard<'a> {
 
 impl Drop for HoldGuard<'_> {
     fn drop(&mut self) {
-        self.queue.with(|q| {
+        // The key is still in flight: an add only marks it dirty, and the
+        // worker's `done` that follows wakes whoever it concerns.
+        self.queue.locked(|q| {
             let (echoes, other) = self.plugin.writer.end_hold(&self.parent);
             for _ in 0..echoes {
                 self.metrics.echo_skipped(&self.key.plugin);
             }
             if other {
-                // Still in flight: queued again once done.
                 q.add(self.key.clone(), "parent changed");
             }
         });

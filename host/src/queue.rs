@@ -509,6 +509,13 @@ impl WorkQueue {
         r
     }
 
+    /// Runs `f` on the core under the lock without waking a worker: for
+    /// bookkeeping that makes no key ready (a key in flight marked dirty is
+    /// made ready by its `done`, which wakes).
+    pub fn locked<R>(&self, f: impl FnOnce(&mut QueueCore) -> R) -> R {
+        f(&mut self.core.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Queues `key` now.
     pub fn add(&self, key: QueueKey, trigger: &'static str) {
         self.with(|q| q.add(key, trigger));
