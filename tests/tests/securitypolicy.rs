@@ -35,6 +35,51 @@ fn policies(client: &Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &resource)
 }
 
+/// Waits until SecurityPolicy `name` has a condition `type_` for which
+/// `wanted` holds; returns it.
+async fn wait_condition(
+    api: &Api<DynamicObject>,
+    name: &str,
+    type_: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let wanted = &wanted;
+    wait_for(
+        &format!("{name}'s {type_} condition"),
+        CONVERGE,
+        || async move {
+            let p = api.get(name).await?;
+            Ok(condition(&p, type_).filter(|c| wanted(c)))
+        },
+    )
+    .await
+}
+
+/// Replaces the sample's spec (server-side apply as `e2e`).
+async fn set_spec(api: &Api<DynamicObject>, spec: Value) -> Result<()> {
+    api.patch(
+        SAMPLE,
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(json!({
+            "apiVersion": "kuwa.dev/v1alpha1", "kind": "SecurityPolicy",
+            "metadata": {"name": SAMPLE},
+            "spec": spec,
+        })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes SecurityPolicy `name` and waits until it is gone (its finalizer
+/// released).
+async fn delete_and_wait(api: &Api<DynamicObject>, name: &str) -> Result<()> {
+    api.delete(name, &DeleteParams::default()).await?;
+    wait_for(&format!("{name} gone"), CONVERGE, || async move {
+        Ok(api.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
 /// The source CIDRs of NetworkPolicy `name`, in its order.
 async fn sources(client: &Client, ns: &str, name: &str) -> Result<Option<Vec<String>>> {
     let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
@@ -108,14 +153,7 @@ async fn the_allow_list_follows_the_nodes() -> Result<()> {
         "5 kwok nodes with distinct addresses and the extra CIDR: {first:?}"
     );
     let api = policies(&client, &ns.name);
-    wait_for("the sample Ready", CONVERGE, || {
-        let api = api.clone();
-        async move {
-            let p = api.get(SAMPLE).await?;
-            Ok(condition(&p, "Ready").filter(|c| c["status"] == "True"))
-        }
-    })
-    .await?;
+    wait_condition(&api, SAMPLE, "Ready", |c| c["status"] == "True").await?;
 
     let (node, ip) = test_node("a");
     let added = Instant::now();
@@ -145,24 +183,12 @@ async fn the_allow_list_follows_the_nodes() -> Result<()> {
     // A malformed CIDR: Degraded/InvalidSpec, the NetworkPolicy untouched.
     let np_api: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
     let before = np_api.get(SAMPLE).await?.resource_version();
-    api.patch(
-        SAMPLE,
-        &PatchParams::apply("e2e").force(),
-        &Patch::Apply(json!({
-            "apiVersion": "kuwa.dev/v1alpha1", "kind": "SecurityPolicy",
-            "metadata": {"name": SAMPLE},
-            "spec": {"ports": [{"port": 443}], "extraCidrs": ["10.20.0.0/33"]}
-        })),
+    set_spec(
+        &api,
+        json!({"ports": [{"port": 443}], "extraCidrs": ["10.20.0.0/33"]}),
     )
     .await?;
-    let degraded = wait_for("Degraded/InvalidSpec", CONVERGE, || {
-        let api = api.clone();
-        async move {
-            let p = api.get(SAMPLE).await?;
-            Ok(condition(&p, "Degraded").filter(|c| c["status"] == "True"))
-        }
-    })
-    .await?;
+    let degraded = wait_condition(&api, SAMPLE, "Degraded", |c| c["status"] == "True").await?;
     assert_eq!(degraded["reason"], "InvalidSpec", "{degraded}");
     assert!(
         degraded["message"]
@@ -178,27 +204,16 @@ async fn the_allow_list_follows_the_nodes() -> Result<()> {
         "nothing is applied for an invalid spec"
     );
     // A malformed port likewise.
-    api.patch(
-        SAMPLE,
-        &PatchParams::apply("e2e").force(),
-        &Patch::Apply(json!({
-            "apiVersion": "kuwa.dev/v1alpha1", "kind": "SecurityPolicy",
-            "metadata": {"name": SAMPLE},
-            "spec": {"ports": [{"port": 70000}], "extraCidrs": [EXTRA]}
-        })),
+    set_spec(
+        &api,
+        json!({"ports": [{"port": 70000}], "extraCidrs": [EXTRA]}),
     )
     .await?;
-    wait_for("Degraded for the port", CONVERGE, || {
-        let api = api.clone();
-        async move {
-            let p = api.get(SAMPLE).await?;
-            Ok(condition(&p, "Degraded").filter(|c| {
-                c["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .contains("spec.ports[0].port")
-            }))
-        }
+    wait_condition(&api, SAMPLE, "Degraded", |c| {
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("spec.ports[0].port")
     })
     .await?;
     host.wait_idle(Duration::from_secs(2), CONVERGE).await?;
@@ -217,14 +232,7 @@ fn firewall_policy(name: &str, endpoint: &str) -> Value {
 }
 
 async fn wait_synced(api: &Api<DynamicObject>, name: &str, status: &str) -> Result<Value> {
-    wait_for(&format!("{name} FirewallSynced={status}"), CONVERGE, || {
-        let api = api.clone();
-        async move {
-            let p = api.get(name).await?;
-            Ok(condition(&p, "FirewallSynced").filter(|c| c["status"] == status))
-        }
-    })
-    .await
+    wait_condition(api, name, "FirewallSynced", |c| c["status"] == status).await
 }
 
 /// Done-when 2: the firewall holds the same allow-list; when it fails the
@@ -384,23 +392,10 @@ async fn the_firewall_holds_the_same_list() -> Result<()> {
     println!("outbound: {ok:?} pushes answered 2xx, {denied:?} refused");
 
     // Deleting the SecurityPolicy removes its rule first (the finalizer).
-    api.delete("fw", &DeleteParams::default()).await?;
-    wait_for("fw gone", CONVERGE, || {
-        let api = api.clone();
-        async move { Ok(api.get_opt("fw").await?.is_none().then_some(())) }
-    })
-    .await?;
+    delete_and_wait(&api, "fw").await?;
     assert!(granted.rule(&rule_name).is_none(), "the rule was removed");
-    api.delete("rogue", &DeleteParams::default()).await?;
-    wait_for(
-        "rogue gone (its rule could never be written)",
-        CONVERGE,
-        || {
-            let api = api.clone();
-            async move { Ok(api.get_opt("rogue").await?.is_none().then_some(())) }
-        },
-    )
-    .await?;
+    // Its rule could never be written: the finalizer lets it go.
+    delete_and_wait(&api, "rogue").await?;
     assert!(other.seen().is_empty());
     drop(host);
     ns.cleanup().await;
