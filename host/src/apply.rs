@@ -27,7 +27,7 @@ use crate::cache::{ObjKey, PLUGIN_LABEL};
 use crate::gvk::Gvk;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
-use crate::plan::{Plan, Write, owner_reference};
+use crate::plan::{ApplyReason, Plan, Write, owner_reference};
 use crate::plugin::info::{FieldManager, PluginInfo};
 use crate::plugin::runtime::LoadedPlugin;
 use crate::tenant::budget::WriteBudget;
@@ -438,7 +438,16 @@ impl PluginWriter {
             namespace,
             name,
         };
-        Ok(t.api(&self.client).get_opt(name).await?)
+        match t.api(&self.client).get_opt(name).await {
+            Ok(found) => {
+                self.api.metrics.api_health.reached();
+                Ok(found)
+            }
+            Err(e) => {
+                self.api.metrics.api_error(&self.info().name, "get", &e);
+                Err(e.into())
+            }
+        }
     }
 
     /// Carries out `plan` for `parent`: finalizer changes first, then every
@@ -465,8 +474,36 @@ impl PluginWriter {
         Ok(())
     }
 
-    /// Makes one write of a plan.
+    /// Makes one write of a plan; its failure is counted in
+    /// `kuwa_api_errors_total`, a drift repair in `kuwa_drift_repairs_total`.
     pub async fn write(&self, parent: &DynamicObject, write: &Write) -> Result<(), WriteError> {
+        let result = self.write_once(parent, write).await;
+        match (&result, write) {
+            (Err(WriteError::Api(e)), _) => {
+                self.api
+                    .metrics
+                    .api_error(&self.info().name, write.verb(), e);
+            }
+            (Ok(()), Write::Event(_)) => {}
+            (Ok(()), _) => {
+                self.api.metrics.api_health.reached();
+                if let Write::Apply {
+                    gvk,
+                    reason: ApplyReason::Drift,
+                    ..
+                } = write
+                {
+                    self.api
+                        .metrics
+                        .drift_repaired(&self.info().name, &gvk.to_string());
+                }
+            }
+            (Err(_), _) => {}
+        }
+        result
+    }
+
+    async fn write_once(&self, parent: &DynamicObject, write: &Write) -> Result<(), WriteError> {
         self.check_parent(parent)?;
         match write {
             Write::Finalizer(present) => self.set_finalizer(parent, *present).await,
@@ -662,6 +699,7 @@ impl PluginWriter {
             secondary: None,
         };
         if let Err(err) = self.api.recorder.publish(&event, &reference).await {
+            self.api.metrics.api_error(&self.info().name, "event", &err);
             tracing::warn!(plugin = %self.info().name, reason = %e.reason, error = %err, "could not record event");
         }
     }

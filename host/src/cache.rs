@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::gvk::Gvk;
 use crate::metrics::Metrics;
+use crate::outage::Failure;
 
 /// Label on each child: the plugin that manages it. Child kinds are watched
 /// with a selector on it.
@@ -510,6 +511,7 @@ impl Caches {
                 let Some(cache) = weak.upgrade() else { return };
                 match item {
                     Ok(event) => {
+                        metrics.api_health.reached();
                         let out = cache.apply_event(event, &metrics);
                         drop(cache);
                         for change in out {
@@ -521,7 +523,21 @@ impl Caches {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(kind = %cache.gvk, error = %e, "watch error; retrying with backoff")
+                        let kind = cache.gvk.to_string();
+                        metrics.watch_error(&kind, &e);
+                        // An outage is logged once by `api_health`; an
+                        // expired resource version is routine (it relists).
+                        match Failure::of_watch(&e) {
+                            f if f.is_outage() => {
+                                tracing::debug!(%kind, error = %e, "watch error; retrying with backoff")
+                            }
+                            Failure::Gone => {
+                                tracing::info!(%kind, error = %e, "watch expired; relisting")
+                            }
+                            _ => {
+                                tracing::warn!(%kind, error = %e, "watch error; retrying with backoff")
+                            }
+                        }
                     }
                 }
             }

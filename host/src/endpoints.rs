@@ -1,6 +1,6 @@
 //! The host's HTTP endpoints: `/metrics`, `/healthz` (503 once a core task
 //! of the host has died), `/readyz` (200 once every plugin's caches have
-//! listed), and `POST /resync` (queue every parent now, for operators and
+//! listed and while the API server answers), and `POST /resync` (queue every parent now, for operators and
 //! tests).
 
 use std::net::SocketAddr;
@@ -37,7 +37,12 @@ async fn healthz(State(host): State<Arc<Host>>) -> (StatusCode, String) {
 }
 
 async fn readyz(State(host): State<Arc<Host>>) -> (StatusCode, &'static str) {
-    if host.is_ready() {
+    if !host.metrics.api_health.is_reachable() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the API server does not answer (see kuwa_api_reachable)",
+        )
+    } else if host.is_ready() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet")

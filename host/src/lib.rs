@@ -11,7 +11,7 @@
 //! per-plugin writer, the only way to write). Plugins are loaded, run and
 //! swapped by [`plugin`]; what each may do is the [`tenant`] boundary;
 //! [`active`] binds a loaded plugin to its caches and writer. Around them:
-//! [`metrics`], [`endpoints`], [`leader`] (who may take keys and write) and
+//! [`metrics`] (with [`outage`]: whether the API server answers), [`endpoints`], [`leader`] (who may take keys and write) and
 //! the [`cli`].
 
 pub mod active;
@@ -23,6 +23,7 @@ pub mod gvk;
 pub mod host;
 pub mod leader;
 pub mod metrics;
+pub mod outage;
 pub mod plan;
 pub mod plugin;
 pub mod queue;

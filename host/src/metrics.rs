@@ -9,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::outage::{ApiHealth, Failure};
+
 type Labels = Vec<(&'static str, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
@@ -47,6 +49,11 @@ pub struct Metrics {
     oci_pulls: Family<Labels, Counter>,
     outbound_requests: Family<Labels, Counter>,
     outbound_duration: HistogramFamily,
+    watch_errors: Family<Labels, Counter>,
+    api_errors: Family<Labels, Counter>,
+    drift_repairs: Family<Labels, Counter>,
+    /// Whether the API server answers the host's calls (see [`crate::outage`]).
+    pub api_health: ApiHealth,
 }
 
 impl Default for Metrics {
@@ -87,6 +94,10 @@ impl Metrics {
             oci_pulls: Family::default(),
             outbound_requests: Family::default(),
             outbound_duration: Family::new_with_constructor(reconcile_buckets),
+            watch_errors: Family::default(),
+            api_errors: Family::default(),
+            drift_repairs: Family::default(),
+            api_health: ApiHealth::default(),
         };
         registry.register(
             "kuwa_reconciles",
@@ -218,6 +229,31 @@ impl Metrics {
             "Time of one outbound HTTP request, by plugin and origin",
             m.outbound_duration.clone(),
         );
+        registry.register(
+            "kuwa_watch_errors",
+            "Errors of the shared watches (each is retried with backoff), by kind and reason (unreachable, unavailable, gone, forbidden, throttled, rejected, other); gone means the resource version expired and the watch relists",
+            m.watch_errors.clone(),
+        );
+        registry.register(
+            "kuwa_api_errors",
+            "API calls made for a plugin that failed, by plugin, verb (apply, delete, status, finalizer, event, get) and reason (as for kuwa_watch_errors, plus conflict)",
+            m.api_errors.clone(),
+        );
+        registry.register(
+            "kuwa_drift_repairs",
+            "Children applied again because someone else changed a field the plugin sets, by plugin and kind",
+            m.drift_repairs.clone(),
+        );
+        registry.register(
+            "kuwa_api_reachable",
+            "1 while the API server answers the host's calls, 0 during an outage (calls refused, reset or answered 5xx)",
+            m.api_health.reachable_gauge(),
+        );
+        registry.register(
+            "kuwa_api_outages",
+            "API server outages the host saw (each logged at warn when it starts and when it ends)",
+            m.api_health.outages_counter(),
+        );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
     }
@@ -296,6 +332,40 @@ impl Metrics {
     pub fn watch_event(&self, kind: &str) {
         self.watch_events
             .get_or_create(&vec![("kind", kind.into())])
+            .inc();
+    }
+
+    /// Counts a watch error of `kind` and reports it to [`Metrics::api_health`].
+    pub fn watch_error(&self, kind: &str, error: &kube::runtime::watcher::Error) {
+        let failure = Failure::of_watch(error);
+        self.watch_errors
+            .get_or_create(&vec![
+                ("kind", kind.into()),
+                ("reason", failure.label().into()),
+            ])
+            .inc();
+        self.api_health
+            .failed(failure, &format!("watch {kind}"), error);
+    }
+
+    /// Counts a failed API call made for `plugin` and reports it to
+    /// [`Metrics::api_health`].
+    pub fn api_error(&self, plugin: &str, verb: &'static str, error: &kube::Error) {
+        let failure = Failure::of(error);
+        self.api_errors
+            .get_or_create(&vec![
+                ("plugin", plugin.into()),
+                ("verb", verb.into()),
+                ("reason", failure.label().into()),
+            ])
+            .inc();
+        self.api_health.failed(failure, verb, error);
+    }
+
+    /// Counts a child applied again over someone else's change.
+    pub fn drift_repaired(&self, plugin: &str, kind: &str) {
+        self.drift_repairs
+            .get_or_create(&vec![("plugin", plugin.into()), ("kind", kind.into())])
             .inc();
     }
 

@@ -398,6 +398,18 @@ pub enum Write {
 }
 
 impl Write {
+    /// The verb it is counted under (`kuwa_api_writes_total`,
+    /// `kuwa_api_errors_total`).
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Self::Finalizer(_) => "finalizer",
+            Self::Apply { .. } => "apply",
+            Self::Delete { .. } => "delete",
+            Self::Status(_) => "status",
+            Self::Event(_) => "event",
+        }
+    }
+
     /// A one-line description: verb, object and reason.
     pub fn describe(&self) -> String {
         match self {
