@@ -6,12 +6,18 @@
 //! * [`TestNamespace`]: a fresh namespace per test.
 //! * [`wait_for`]: the one bounded polling loop every wait should use.
 //! * [`firewall`]: a firewall API on loopback (SecurityPolicy tests).
+//! * [`reference`]: the reference model of every shipped plugin and the
+//!   checker that compares the whole cluster with it; [`faults`]: the fault
+//!   injectors of the reliability tests and the soak.
 
 pub mod bench;
+pub mod faults;
 pub mod firewall;
 pub mod host;
 pub mod objects;
+pub mod reference;
 pub mod registry;
+pub mod soak;
 
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};

@@ -6,6 +6,8 @@
 //! * `cargo xtask demo` runs the main job: plugins, cluster, CRDs, host.
 //! * `cargo xtask test` runs the whole test suite through cargo's test runner.
 //! * `cargo xtask bench` measures kuwa against its peers (docs/benchmarks.md).
+//! * `cargo xtask soak` churns parents under injected faults and checks the
+//!   cluster against the reference model (docs/reliability.md).
 //! * `cargo xtask image` builds a static `kuwa` and an OCI image layout.
 
 mod bench;
@@ -13,6 +15,7 @@ mod cluster;
 mod demo;
 mod image;
 mod plugins;
+mod soak;
 mod testsuite;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +44,10 @@ enum Command {
     /// Measure kuwa against a native kube-rs and a Go controller-runtime peer
     /// (convergence, latency, CPU, memory, steady state, hot swap).
     Bench(bench::Args),
+    /// Churn parents of all three kinds while injecting faults (API server
+    /// restarts, watch expiry, kill -9, plugin swaps, drift) and check the
+    /// whole cluster against the reference model.
+    Soak(soak::Args),
     /// Build a static kuwa (musl) and an OCI image layout with it and the shipped
     /// plugins, without Docker (target/image/kuwa).
     Image(image::Args),
@@ -54,6 +61,7 @@ fn main() {
         Command::Demo(args) => demo::run(&args),
         Command::Test(args) => testsuite::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Soak(args) => soak::run(&args),
         Command::Image(args) => image::run(&args),
     };
     if let Err(err) = result {

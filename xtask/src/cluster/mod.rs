@@ -481,6 +481,7 @@ fn start(dir: &Path, binary: &Path, args: &UpArgs) -> Result<State> {
             pid: child.id(),
             ports,
             log: log.clone(),
+            args: cargs.clone(),
         });
         state.save()?;
         running.push(Running {

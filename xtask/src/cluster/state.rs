@@ -64,6 +64,10 @@ pub struct Component {
     pub ports: Vec<u16>,
     /// Its log file.
     pub log: PathBuf,
+    /// The arguments it was started with (after the component name), so a
+    /// fault test can start a second API server like the first.
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 /// Node counts and sizes the cluster was created with.
