@@ -284,3 +284,26 @@ pub async fn node_cidrs(client: &Client) -> Result<Vec<String>> {
     out.dedup();
     Ok(out)
 }
+
+/// The SecurityPolicy API of namespace `ns`.
+pub fn security_policies(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let resource = ApiResource {
+        group: "kuwa.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "kuwa.dev/v1alpha1".into(),
+        kind: "SecurityPolicy".into(),
+        plural: "securitypolicies".into(),
+    };
+    Api::namespaced_with(client.clone(), ns, &resource)
+}
+
+/// A SecurityPolicy `name` admitting port 443 from the Nodes and `extra`,
+/// pushing its allow-list to the firewall at `endpoint`.
+pub fn firewall_policy(name: &str, endpoint: &str, extra: &str) -> Value {
+    serde_json::json!({
+        "apiVersion": "kuwa.dev/v1alpha1", "kind": "SecurityPolicy",
+        "metadata": {"name": name},
+        "spec": {"ports": [{"port": 443}], "extraCidrs": [extra],
+                 "firewall": {"endpoint": endpoint}}
+    })
+}

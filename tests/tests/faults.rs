@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kuwa_e2e::faults::{LocalCluster, SpareApiServer, compact_etcd};
 use kuwa_e2e::firewall::Firewall;
 use kuwa_e2e::host::{KuwaHost, apply_json, http, metric_sample, plugin, sum_metric};
-use kuwa_e2e::objects::{webserver, webservers};
+use kuwa_e2e::objects::{firewall_policy, security_policies, webserver, webservers};
 use kuwa_e2e::reference::{Model, wait_clean};
 use kuwa_e2e::{TestNamespace, client, wait_for};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const CONVERGE: Duration = Duration::from_secs(240);
 /// How long the API server stays away in the outage tests.
@@ -207,26 +207,6 @@ async fn an_api_server_restart_is_visible_and_converges_without_duplicates() -> 
     Ok(())
 }
 
-fn firewall_policy(name: &str, endpoint: &str) -> Value {
-    json!({
-        "apiVersion": "kuwa.dev/v1alpha1", "kind": "SecurityPolicy",
-        "metadata": {"name": name},
-        "spec": {"ports": [{"port": 443}], "extraCidrs": ["10.20.0.0/16"],
-                 "firewall": {"endpoint": endpoint}}
-    })
-}
-
-fn policies(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let resource = kube::api::ApiResource {
-        group: "kuwa.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "kuwa.dev/v1alpha1".into(),
-        kind: "SecurityPolicy".into(),
-        plural: "securitypolicies".into(),
-    };
-    Api::namespaced_with(client.clone(), ns, &resource)
-}
-
 /// Watch expiry: while the host's API server is away, parents are deleted
 /// (two of them with a finalizer that must call a firewall) and etcd is
 /// compacted, so every watch resumes with 410 Gone and relists. No delete
@@ -257,7 +237,12 @@ async fn a_watch_that_expires_relists_and_loses_no_delete() -> Result<()> {
     let sites = names("site", 10);
     create_webservers(&client, &ns.name, &sites, "v1").await?;
     for p in ["fw-0", "fw-1", "fw-2"] {
-        apply_json(&client, &ns.name, &firewall_policy(p, &firewall.endpoint())).await?;
+        apply_json(
+            &client,
+            &ns.name,
+            &firewall_policy(p, &firewall.endpoint(), "10.20.0.0/16"),
+        )
+        .await?;
     }
     wait_clean(&client, &ns.name, &models, 13, CONVERGE).await?;
     let rule = |p: &str| format!("{}-{p}", ns.name);
@@ -275,7 +260,7 @@ async fn a_watch_that_expires_relists_and_loses_no_delete() -> Result<()> {
     for n in &sites[..4] {
         api.delete(n, &DeleteParams::background()).await?;
     }
-    let sp = policies(&client, &ns.name);
+    let sp = security_policies(&client, &ns.name);
     for p in ["fw-0", "fw-1"] {
         sp.delete(p, &DeleteParams::default()).await?;
     }

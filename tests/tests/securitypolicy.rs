@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use kuwa_e2e::firewall::Firewall;
 use kuwa_e2e::host::{KuwaHost, apply_json, metric_sample, plugin, yaml_file};
-use kuwa_e2e::objects::{condition, create_node, delete_node, node_cidrs};
+use kuwa_e2e::objects::{self, condition, create_node, delete_node, node_cidrs, security_policies};
 use kuwa_e2e::{TestNamespace, client, wait_for};
 use serde_json::{Value, json};
 
@@ -25,14 +25,7 @@ const SAMPLE: &str = "securitypolicy-sample";
 const EXTRA: &str = "10.20.0.0/16";
 
 fn policies(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let resource = ApiResource {
-        group: "kuwa.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "kuwa.dev/v1alpha1".into(),
-        kind: "SecurityPolicy".into(),
-        plural: "securitypolicies".into(),
-    };
-    Api::namespaced_with(client.clone(), ns, &resource)
+    security_policies(client, ns)
 }
 
 /// Waits until SecurityPolicy `name` has a condition `type_` for which
@@ -223,12 +216,7 @@ async fn the_allow_list_follows_the_nodes() -> Result<()> {
 }
 
 fn firewall_policy(name: &str, endpoint: &str) -> Value {
-    json!({
-        "apiVersion": "kuwa.dev/v1alpha1", "kind": "SecurityPolicy",
-        "metadata": {"name": name},
-        "spec": {"ports": [{"port": 443}], "extraCidrs": [EXTRA],
-                 "firewall": {"endpoint": endpoint}}
-    })
+    objects::firewall_policy(name, endpoint, EXTRA)
 }
 
 async fn wait_synced(api: &Api<DynamicObject>, name: &str, status: &str) -> Result<Value> {

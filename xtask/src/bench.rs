@@ -45,7 +45,8 @@ pub struct Args {
     cluster: cluster::UpArgs,
 }
 
-fn cargo_build(release: bool, packages: &[(&str, &str)]) -> Result<()> {
+/// `cargo build` (release or debug) of the given `(package, bin)` pairs.
+pub fn cargo_build(release: bool, packages: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root()).arg("build");

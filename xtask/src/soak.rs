@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::Args as ClapArgs;
 
-use crate::{cluster, demo, plugins, workspace_root};
+use crate::{bench, cluster, demo, plugins};
 
 /// Arguments of `cargo xtask soak`.
 #[derive(ClapArgs)]
@@ -61,15 +61,7 @@ pub fn run(args: &Args) -> Result<()> {
     })?;
     eprintln!("==> building kuwa and kuwa-soak (debug)");
     let kuwa = demo::build_host()?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(["build", "-p", "kuwa-e2e", "--bin", "kuwa-soak"])
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("building kuwa-soak failed");
-    }
+    bench::cargo_build(false, &[("kuwa-e2e", "kuwa-soak")])?;
     let was_running = cluster::is_running();
     eprintln!("==> starting the local control plane");
     let kubeconfig = cluster::up(&args.cluster)?;
